@@ -1,0 +1,12 @@
+"""sdar-kernels: fused Triton kernels for SDAR (Self-Distilled Agentic Reinforcement Learning).
+
+Public API (shared/design/LOSS.md section 5): ``sdar_loss`` and its eager oracle
+``reference.sdar_loss_reference``; ``SDAROutput`` is what both return.
+"""
+
+from . import reference
+from .sdar_loss import METRIC_NAMES, SDAROptions, SDAROutput, sdar_loss
+
+__version__ = "0.1.0"
+
+__all__ = ["sdar_loss", "SDAROutput", "SDAROptions", "METRIC_NAMES", "reference", "__version__"]

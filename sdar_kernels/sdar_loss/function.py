@@ -1,0 +1,134 @@
+"""Autograd Function and the public functional ``sdar_loss`` (contract: shared/design/LOSS.md section 5).
+
+Two schedules, picked from the reduction:
+- "mean" / "sum": the aggregation weights w_t are known in the forward, so the backend writes
+  w_t * dl_t/dz in the same launch as the loss (fused); backward only scales it by the upstream scalar.
+- "none": the upstream gradient is per token and unknown in the forward. The forward computes the loss
+  only and keeps the per-row statistics; backward makes one gradient pass with w_t = m_t * g_t.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import normalize_inputs
+from .._runtime import can_use_triton
+from .output import SDAROutput, masked_metrics
+from .torch_impl import PER_TOKEN_FIELDS, sdar_rows_torch
+
+
+class TorchRows:
+    """The chunked torch backend. It keeps no statistics: the "none" backward recomputes them."""
+
+    @staticmethod
+    def forward(x, weights, grad, save_stats):
+        return sdar_rows_torch(x, weights, grad), None
+
+    @staticmethod
+    def backward(x, weights, grad, stats):
+        sdar_rows_torch(x, weights, grad)
+
+
+class TritonRows:
+    """The Triton backend (launch.py); imported lazily so CPU-only users never load the kernels."""
+
+    @staticmethod
+    def forward(x, weights, grad, save_stats):
+        from .launch import sdar_rows_triton
+        return sdar_rows_triton(x, weights, grad, save_stats=save_stats)
+
+    @staticmethod
+    def backward(x, weights, grad, stats):
+        from .launch import sdar_rows_triton_grad
+        sdar_rows_triton_grad(x, weights, grad, stats)
+
+
+def pick_backend(x):
+    if x.options.backend == "torch":
+        return TorchRows
+    if x.options.backend == "triton" or x.logits.is_cuda and can_use_triton(x.logits):
+        return TritonRows
+    return TorchRows
+
+
+class SDARLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits2d, x, rows):
+        o = x.options
+        need_grad = ctx.needs_input_grad[0]
+        fused = need_grad and o.reduction != "none"
+        grad = None
+        if fused:
+            # inplace_backward: the gradient overwrites the student logits (each block is read before
+            # it is written), saving one [N, V] buffer; the logits are garbage afterwards.
+            grad = logits2d if o.inplace_backward else torch.empty_like(logits2d)
+        per_token, stats = rows.forward(x, x.weights, grad, save_stats=need_grad and not fused)
+
+        loss_tok = per_token["loss"]
+        if o.reduction == "none":
+            loss = loss_tok
+        elif o.reduction == "sum":
+            loss = loss_tok.sum()
+        else:
+            loss = (x.weights * loss_tok).sum()
+
+        ctx.fused, ctx.x, ctx.rows, ctx.stats, ctx.used = fused, x, rows, stats, False
+        ctx.logits_shape, ctx.logits_dtype = logits2d.shape, logits2d.dtype
+        if fused:
+            ctx.save_for_backward(grad)
+        stacked = torch.stack([per_token[k] for k in PER_TOKEN_FIELDS[1:]])
+        ctx.mark_non_differentiable(stacked)
+        return loss, stacked
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stacked):
+        if ctx.used:
+            raise RuntimeError("sdar_loss: backward ran twice; the fused gradient buffer is scaled in place, "
+                               "so retain_graph re-use is not supported")
+        ctx.used = True
+        if ctx.fused:
+            (grad,) = ctx.saved_tensors
+            return grad.mul_(grad_loss.to(grad.dtype)), None, None
+        x = ctx.x
+        weights = x.mask.to(torch.float32) * grad_loss.reshape(-1).to(torch.float32)
+        grad = torch.empty(ctx.logits_shape, dtype=ctx.logits_dtype, device=grad_loss.device)
+        ctx.rows.backward(x, weights, grad, ctx.stats)
+        return grad, None, None
+
+
+def sdar_loss(
+    logits, labels, *, teacher_logits=None, teacher_logprobs=None, mask=None, advantages=None,
+    old_logprobs=None, ref_logprobs=None, loss_weights=None, num_tokens=None,
+    gate_beta=5.0, distill_coef=0.01, distill="sampled", jsd_beta=0.5,
+    clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0, entropy_coef=0.0,
+    temperature=1.0, loss_agg_mode="token-mean", reduction="mean",
+    inplace_backward=False, backend="auto",
+) -> SDAROutput:
+    """Fused SDAR loss: GRPO (dual clip) + k3 KL + entropy bonus + sigmoid-gated self-distillation.
+
+    See shared/design/LOSS.md for the contract and ``sdar_kernels/sdar_loss/README.md`` for the math.
+    ``backend="auto"`` runs the Triton kernel on CUDA tensors and the chunked torch path elsewhere.
+    """
+    x = normalize_inputs(
+        logits, labels, teacher_logits=teacher_logits, teacher_logprobs=teacher_logprobs, mask=mask,
+        advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+        loss_weights=loss_weights, num_tokens=num_tokens, gate_beta=gate_beta, distill_coef=distill_coef,
+        distill=distill, jsd_beta=jsd_beta, clip_low=clip_low, clip_high=clip_high,
+        clip_ratio_c=clip_ratio_c, kl_coef=kl_coef, entropy_coef=entropy_coef, temperature=temperature,
+        loss_agg_mode=loss_agg_mode, reduction=reduction, inplace_backward=inplace_backward, backend=backend,
+    )
+    return run_sdar_rows(x, pick_backend(x))
+
+
+def run_sdar_rows(x, rows):
+    """Apply the autograd Function to prepared inputs and package the SDAROutput."""
+    loss, stacked = SDARLossFunction.apply(x.logits, x, rows)
+    per_token = dict(zip(PER_TOKEN_FIELDS[1:], stacked.unbind(0)))
+    has_teacher = x.teacher_logits is not None or x.teacher_logprobs is not None
+    metrics = masked_metrics(per_token, x.mask, has_teacher=has_teacher)
+    shape = x.token_shape
+    return SDAROutput(
+        loss=loss.reshape(shape) if x.options.reduction == "none" else loss,
+        logprobs=per_token["logprobs"].reshape(shape), entropy=per_token["entropy"].reshape(shape),
+        gate=per_token["gate"].reshape(shape), gap=per_token["gap"].reshape(shape), metrics=metrics,
+    )

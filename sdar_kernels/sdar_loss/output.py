@@ -1,0 +1,56 @@
+"""What every SDAR loss backend returns, and the masked-mean metrics built from per-token values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+METRIC_NAMES = (
+    "gate_mean", "gate_active_ratio", "gap_mean", "distill_loss", "pg_loss",
+    "pg_clipfrac", "ppo_kl", "kl_loss", "entropy",
+)
+
+
+@dataclass
+class SDAROutput:
+    """Result of :func:`sdar_kernels.sdar_loss`.
+
+    ``loss`` carries the gradient; everything else is detached. Per-token tensors have the token shape
+    of the input (``logits.shape[:-1]``), fp32, and are 0 on masked tokens (so no NaN escapes a masked
+    row). ``metrics`` always holds every name in ``METRIC_NAMES`` as a 0-dim fp32 tensor on the input's
+    device (masked token means; 0 where the term is off), computed without host syncs.
+    """
+
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    gate: torch.Tensor
+    gap: torch.Tensor
+    metrics: dict = field(default_factory=dict)
+
+
+def masked_metrics(per_token: dict, mask: torch.Tensor, *, has_teacher: bool) -> dict:
+    """Masked token means of the per-token values (already zero on masked rows), as 0-dim fp32 tensors.
+
+    ``per_token`` holds flat [N] tensors: gate, gap, distill, pg, clipped, ppo_kl, kl, entropy.
+    One division by max(#tokens, 1): an all-masked batch gives 0, never NaN, and no ``.item()``.
+    """
+    count = mask.sum().clamp_min(1).to(torch.float32)
+
+    def mean(v):
+        return (v.to(torch.float32).sum() / count).detach()
+
+    gate = per_token["gate"]
+    active = ((gate > 0.5) & mask).to(torch.float32) if has_teacher else torch.zeros_like(gate)
+    return {
+        "gate_mean": mean(gate),
+        "gate_active_ratio": mean(active),
+        "gap_mean": mean(per_token["gap"]),
+        "distill_loss": mean(per_token["distill"]),
+        "pg_loss": mean(per_token["pg"]),
+        "pg_clipfrac": mean(per_token["clipped"]),
+        "ppo_kl": mean(per_token["ppo_kl"]),
+        "kl_loss": mean(per_token["kl"]),
+        "entropy": mean(per_token["entropy"]),
+    }

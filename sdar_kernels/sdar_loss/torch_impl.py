@@ -1,0 +1,133 @@
+"""Chunked torch implementation of the SDAR loss: the CPU / non-CUDA backend (``backend="torch"``).
+
+Rows are processed in chunks of about ``CHUNK_ELEMENTS`` logits. Each chunk is converted to fp32 once, its
+row statistics computed, and its gradient (LOSS.md section 4) written straight into the gradient buffer,
+so the peak memory beyond the inputs is the gradient buffer plus a handful of fp32 chunk temporaries,
+not the several fp32 [N, V] copies (log-softmax, softmax, autograd saves) that eager code makes.
+The same function serves the fused-linear torch path, which hands it one token chunk of fp32 logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .token_terms import token_terms
+
+# ~4M fp32 elements (16 MB) per chunk temporary; at most ~5 live at once.
+CHUNK_ELEMENTS = 1 << 22
+
+# -inf logits (banned tokens) become this finite floor after the log-softmax, so 0 * log 0 terms are
+# 0 * -1e30 = 0 instead of NaN. exp(-1e30) is exactly 0, so no value changes.
+LOG_FLOOR = -1e30
+
+PER_TOKEN_FIELDS = ("loss", "logprobs", "entropy", "gate", "gap", "distill", "pg", "clipped", "ppo_kl", "kl")
+
+
+def _rowdot(a, b):
+    """sum_v a[n, v] * b[n, v] without an [n, V] temporary (a batched matmul)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+
+
+def _masked_fp32(x, keep, inv_tau):
+    """fp32 copy of the chunk with masked rows zeroed (they may hold inf/NaN), scaled by 1/temperature."""
+    out = torch.where(keep[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device)).to(torch.float32)
+    if inv_tau != 1.0:
+        out.mul_(inv_tau)
+    return out
+
+
+def sdar_rows_torch(x, weights, grad=None):
+    """Loss terms for every row of ``x`` (PreparedInputs) and, if ``grad`` is given ([N, V], any float dtype),
+    w_t * dl_t/dz_S written into it. ``weights`` [N] fp32 are the w_t (0 on masked rows).
+
+    Returns a dict of flat [N] fp32 per-token tensors (``PER_TOKEN_FIELDS``), 0 on masked rows.
+    """
+    N, V = x.logits.shape
+    out = {k: torch.zeros(N, dtype=torch.float32, device=x.logits.device) for k in PER_TOKEN_FIELDS}
+    rows = max(1, min(N, CHUNK_ELEMENTS // max(V, 1)))
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        sl = slice(r0, r1)
+        terms = _chunk(x, sl, weights[sl], None if grad is None else grad[sl])
+        for k in PER_TOKEN_FIELDS:
+            out[k][sl] = terms[k]
+    return out
+
+
+def _chunk(x, sl, w, grad):
+    o = x.options
+    inv_tau = 1.0 / o.temperature
+    keep = x.mask[sl]
+    y = x.labels[sl].clamp(0, x.logits.shape[1] - 1)[:, None]  # masked rows may hold ignore labels
+
+    logp_all = _masked_fp32(x.logits[sl], keep, inv_tau)
+    logp_all.sub_(torch.logsumexp(logp_all, dim=-1, keepdim=True)).clamp_min_(LOG_FLOOR)  # log p_S
+    p = torch.exp(logp_all)
+    logp = logp_all.gather(1, y).squeeze(1)
+    entropy = -_rowdot(p, logp_all)
+
+    logp_teacher, divergence, div_grad = None, None, None
+    if x.teacher_logits is not None:
+        logq_all = _masked_fp32(x.teacher_logits[sl], keep, inv_tau)
+        logq_all.sub_(torch.logsumexp(logq_all, dim=-1, keepdim=True)).clamp_min_(LOG_FLOOR)  # log p_T
+        logp_teacher = logq_all.gather(1, y).squeeze(1)
+        if o.full_vocab_distill:
+            divergence, div_grad = _divergence(o, logp_all, p, logq_all, entropy, want_grad=grad is not None)
+        del logq_all
+    elif x.teacher_logprobs is not None:
+        logp_teacher = x.teacher_logprobs[sl]
+
+    def side(t):
+        return None if t is None else t[sl]
+
+    t = token_terms(logp=logp, entropy=entropy, mask=keep, weights=w, options=o, logp_teacher=logp_teacher,
+                    divergence=divergence, advantages=side(x.advantages),
+                    old_logprobs=side(x.old_logprobs), ref_logprobs=side(x.ref_logprobs))
+
+    if grad is not None:
+        # dL/ds = p * (-c + w*ec*(log p + H)) + c * 1{v=y} + w*dc*gate * d(div)/ds ; then / tau
+        g = logp_all
+        if o.entropy_coef != 0.0:
+            g.add_(entropy[:, None]).mul_((w * o.entropy_coef)[:, None])
+        else:
+            g.zero_()
+        g.sub_(t.coef[:, None]).mul_(p)
+        g.scatter_add_(1, y, t.coef[:, None])
+        if div_grad is not None:
+            g.add_(div_grad.mul_(t.distill_scale[:, None]))
+        if inv_tau != 1.0:
+            g.mul_(inv_tau)
+        g.masked_fill_(~keep[:, None], 0.0)  # exact zeros on masked rows, whatever their logits held
+        grad.copy_(g)
+
+    return dict(loss=t.loss, logprobs=torch.where(keep, logp, 0.0), entropy=torch.where(keep, entropy, 0.0),
+                gate=t.gate, gap=t.gap, distill=t.distill, pg=t.pg, clipped=t.clipped, ppo_kl=t.ppo_kl, kl=t.kl)
+
+
+def _divergence(o, logp_all, p, logq_all, entropy, want_grad):
+    """Row value of the full-vocab divergence and (optionally) its gradient w.r.t. s = z_S / tau.
+
+    fkl = KL(q||p): grad p - q.   rkl = KL(p||q): grad p * (log p - log q - rkl).
+    jsd(b): grad (1-b) * p * (log(p/M) - KL(p||M)), M = b q + (1-b) p.  (derivations: README.md)
+    """
+    kind = o.divergence
+    q = torch.exp(logq_all)
+    if kind == "fkl":
+        value = _rowdot(q, logq_all) - _rowdot(q, logp_all)
+        return value, (p - q if want_grad else None)
+    neg_entropy = -entropy
+    if kind == "rkl":
+        value = neg_entropy - _rowdot(p, logq_all)
+        grad = (logp_all - logq_all).sub_(value[:, None]).mul_(p) if want_grad else None
+        return value, grad
+    b = o.jsd_beta
+    log_mix = torch.logaddexp(logq_all + math.log(b), logp_all + math.log1p(-b))
+    kl_q_mix = _rowdot(q, logq_all) - _rowdot(q, log_mix)
+    kl_p_mix = neg_entropy - _rowdot(p, log_mix)
+    value = b * kl_q_mix + (1.0 - b) * kl_p_mix
+    grad = None
+    if want_grad:
+        grad = log_mix.neg_().add_(logp_all).sub_(kl_p_mix[:, None]).mul_(p).mul_(1.0 - b)
+    return value, grad
