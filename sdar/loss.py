@@ -28,11 +28,9 @@ class SDARLoss(torch.nn.Module):
         if not self.config.use_policy_gradient:
             tensors.pop("advantages", None)
             tensors.pop("old_logprobs", None)
-        if self.config.kl_coef > 0 and tensors.get("ref_logprobs") is None:
-            kwargs = dict(self.config.loss_kwargs(), kl_coef=0.0)  # no reference given: KL term off
-        else:
-            kwargs = self.config.loss_kwargs()
-        return sdar_kernels.sdar_loss(logits, labels, **tensors, **kwargs, reduction=self.reduction,
+        # kl_coef > 0 (the official 0.01) needs ref_logprobs: sdar_loss raises if they are missing
+        return sdar_kernels.sdar_loss(logits, labels, **tensors, **self.config.loss_kwargs(),
+                                      reduction=self.reduction,
                                       inplace_backward=self.inplace_backward, backend=self.backend)
 
     def extra_repr(self) -> str:
