@@ -1,0 +1,265 @@
+"""Triton kernel of the fused SDAR loss: one program per token row, two passes over the vocabulary.
+
+Math and derivations: README.md in this folder (section names below refer to it).
+
+Pass 1 streams the student row (and the teacher row) once and keeps, in fp32, the online
+log-sum-exp state of both plus the extra row sums the loss needs (entropy, and the forward/reverse KL
+row sums). After it every per-token scalar is known: log p_S(y), log p_T(y), the gate, the GRPO and k3
+terms, and c_t = w_t * dl_t/dlog p_S(y). Pass 2 streams the rows again and writes the gradient
+w_t * dl_t/dz_S. Nothing of size [N, V] is allocated; the gradient may alias the logits (each block is
+read before it is written, and only by this program).
+
+Everything runs in base 2: logits are scaled by k = log2(e) / temperature on load, so every exp is one
+exp2 (the multiply by log2(e) folds into 1/temperature) and log-probs in nats are (u - lse2) * ln 2.
+The generalized JSD is the one divergence whose row sums need both normalizers first, so it adds a
+statistics pass (pass 1b) between the two: three reads instead of two (README.md, "Why JSD reads 3x").
+"""
+
+import triton
+import triton.language as tl
+
+LN2: tl.constexpr = 0.6931471805599453
+# Finite stand-in for -inf: the running max starts here so (m_old - m_new) * d_old is never -inf * 0,
+# and log-probs of zero-probability entries are floored here so p * log p is 0 * finite = 0.
+NEG_BIG: tl.constexpr = -1.0e30
+
+# Per-token output rows of `out` ([NUM_FIELDS, N] fp32), in the order of torch_impl.PER_TOKEN_FIELDS.
+NUM_FIELDS = 10
+# Per-row statistics kept for the reduction="none" backward ([N, NUM_STATS] fp32).
+NUM_STATS = 5
+# DISTILL constexpr values; full-vocabulary divergences are >= 2 (jsd with beta 0/1 arrives as fkl/rkl).
+DISTILL_CODES = {"sampled": 0, "reinforce": 1, "fkl": 2, "rkl": 3, "jsd": 4}
+
+
+@triton.jit
+def _row_stats(logits_row, teacher_row, V, k_scale,
+               BLOCK_V: tl.constexpr, HAS_TEACHER_LOGITS: tl.constexpr, DISTILL: tl.constexpr):
+    """Pass 1: online base-2 log-sum-exp of student and teacher, entropy and the KL row sums.
+
+    Returns (lse2_s, entropy [nats], lse2_t, div [nats]); div is fkl or rkl for DISTILL 2 / 3, else 0.
+    """
+    cols = tl.arange(0, BLOCK_V)
+    m_s = NEG_BIG
+    d_s = 0.0
+    a_s = 0.0        # sum exp2(u - m_s) * (u - m_s): entropy without the lse - E[s] cancellation
+    m_t = NEG_BIG
+    d_t = 0.0
+    b_div = 0.0      # fkl: sum exp2(v - m_t) * (v - u);  rkl: sum exp2(u - m_s) * (u - v)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        in_v = offs < V
+        # other=-inf gives exp2(.) = 0, the identity of every sum below (guarded products: 0 * inf)
+        u = tl.load(logits_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) * k_scale
+        m_new = tl.maximum(m_s, tl.max(u, axis=0))
+        alpha = tl.exp2(m_s - m_new)
+        e = tl.exp2(u - m_new)
+        a_s = alpha * (a_s + (m_s - m_new) * d_s) + tl.sum(tl.where(e > 0, e * (u - m_new), 0.0), axis=0)
+        d_s = alpha * d_s + tl.sum(e, axis=0)
+        m_s = m_new
+        if HAS_TEACHER_LOGITS:
+            v = tl.load(teacher_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) * k_scale
+            mt_new = tl.maximum(m_t, tl.max(v, axis=0))
+            alpha_t = tl.exp2(m_t - mt_new)
+            e_t = tl.exp2(v - mt_new)
+            d_t = alpha_t * d_t + tl.sum(e_t, axis=0)
+            m_t = mt_new
+            if DISTILL == 2:
+                b_div = alpha_t * b_div + tl.sum(tl.where(e_t > 0, e_t * (v - u), 0.0), axis=0)
+            if DISTILL == 3:
+                b_div = alpha * b_div + tl.sum(tl.where(e > 0, e * (u - v), 0.0), axis=0)
+    log2_d_s = tl.log2(d_s)
+    lse2_s = m_s + log2_d_s
+    entropy = LN2 * (log2_d_s - a_s / d_s)
+    lse2_t = 0.0
+    div = 0.0
+    if HAS_TEACHER_LOGITS:
+        lse2_t = m_t + tl.log2(d_t)
+        if DISTILL == 2:
+            div = LN2 * (b_div / d_t + lse2_s - lse2_t)
+        if DISTILL == 3:
+            div = LN2 * (b_div / d_s - lse2_s + lse2_t)
+    return lse2_s, entropy, lse2_t, div
+
+
+@triton.jit
+def _jsd_stats(logits_row, teacher_row, V, k_scale, lse2_s, lse2_t, jsd_beta, BLOCK_V: tl.constexpr):
+    """Pass 1b (jsd only): KL(p||M) and KL(q||M) in base 2, M = beta q + (1 - beta) p."""
+    cols = tl.arange(0, BLOCK_V)
+    kp = 0.0
+    kq = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        in_v = offs < V
+        lp2 = tl.load(logits_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) * k_scale - lse2_s
+        lq2 = tl.load(teacher_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) * k_scale - lse2_t
+        p = tl.exp2(lp2)
+        q = tl.exp2(lq2)
+        lm2 = tl.log2(jsd_beta * q + (1.0 - jsd_beta) * p)
+        kp += tl.sum(tl.where(p > 0, p * (lp2 - lm2), 0.0), axis=0)
+        kq += tl.sum(tl.where(q > 0, q * (lq2 - lm2), 0.0), axis=0)
+    return kp, kq
+
+
+@triton.jit
+def sdar_rows_kernel(
+    # outputs
+    grad_ptr, out_ptr, stats_ptr,
+    # inputs
+    logits_ptr, teacher_ptr, labels_ptr, mask_ptr, weights_ptr,
+    teacher_logp_ptr, adv_ptr, old_ptr, ref_ptr,
+    # strides (elements) and sizes
+    stride_logits, stride_teacher, stride_grad, N, V,
+    # runtime scalars
+    k_scale, inv_tau, gate_beta, distill_coef, jsd_beta, clip_low, clip_high, clip_c, kl_coef, entropy_coef,
+    # compile-time switches
+    BLOCK_V: tl.constexpr,
+    HAS_TEACHER_LOGITS: tl.constexpr, HAS_TEACHER_LOGPROBS: tl.constexpr, DISTILL: tl.constexpr,
+    HAS_ADV: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, HAS_KL: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+    COMPUTE_STATS: tl.constexpr,   # False: use the stats the forward saved (reduction="none" backward)
+    STORE_STATS: tl.constexpr, WRITE_GRAD: tl.constexpr, WRITE_OUTPUTS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)   # int64 before any pointer arithmetic: N * V passes 2^31
+    cols = tl.arange(0, BLOCK_V)
+    keep = tl.load(mask_ptr + row) != 0
+    logits_row = logits_ptr + row * stride_logits
+    teacher_row = teacher_ptr + row * stride_teacher
+    grad_row = grad_ptr + row * stride_grad
+
+    if keep:
+        w = tl.load(weights_ptr + row)
+        y = tl.load(labels_ptr + row)
+        y_ok = (y >= 0) & (y < V)
+        y_safe = tl.where(y_ok, y, 0)
+        # Out-of-range labels are rejected on the host where that is free (CPU tensors); on CUDA a bad
+        # label poisons its row with NaN instead of reading out of bounds (README.md, "Validation").
+        u_y = tl.load(logits_row + y_safe).to(tl.float32) * k_scale
+        u_y = tl.where(y_ok, u_y, float("nan"))
+
+        # ---------------- row statistics ----------------
+        if COMPUTE_STATS:
+            lse2_s, entropy, lse2_t, div = _row_stats(logits_row, teacher_row, V, k_scale,
+                                                      BLOCK_V, HAS_TEACHER_LOGITS, DISTILL)
+            kp = 0.0
+            if DISTILL == 4:
+                kp, kq = _jsd_stats(logits_row, teacher_row, V, k_scale, lse2_s, lse2_t, jsd_beta, BLOCK_V)
+                div = LN2 * (jsd_beta * kq + (1.0 - jsd_beta) * kp)
+            if STORE_STATS:
+                stats_row = stats_ptr + row * 5
+                tl.store(stats_row + 0, lse2_s)
+                tl.store(stats_row + 1, entropy)
+                tl.store(stats_row + 2, lse2_t)
+                tl.store(stats_row + 3, div)
+                tl.store(stats_row + 4, kp)
+        else:
+            stats_row = stats_ptr + row * 5
+            lse2_s = tl.load(stats_row + 0)
+            entropy = tl.load(stats_row + 1)
+            lse2_t = tl.load(stats_row + 2)
+            div = tl.load(stats_row + 3)
+            kp = tl.load(stats_row + 4)
+
+        # ---------------- per-token terms (README.md "Per-token terms") ----------------
+        logp = LN2 * (u_y - lse2_s)
+        dl_dlogp = 0.0
+        gap = 0.0
+        gate = 0.0
+        distill = 0.0
+        if HAS_TEACHER_LOGITS or HAS_TEACHER_LOGPROBS:
+            if HAS_TEACHER_LOGITS:
+                v_y = tl.load(teacher_row + y_safe).to(tl.float32) * k_scale
+                logp_t = LN2 * (v_y - lse2_t)
+            else:
+                logp_t = tl.load(teacher_logp_ptr + row)
+            gap = logp_t - logp
+            gate = tl.sigmoid(gate_beta * gap)
+            if DISTILL == 0:        # sampled: D = gate * (logp_T - logp_S)
+                distill = gate * gap
+                dl_dlogp -= distill_coef * gate
+            elif DISTILL == 1:      # reinforce: D = gate * sg(logp_S - logp_T) * logp_S
+                distill = -gate * gap * logp
+                dl_dlogp -= distill_coef * gate * gap
+            else:                   # full-vocabulary divergence, gated
+                distill = gate * div
+
+        pg = 0.0
+        clipped = 0.0
+        ppo_kl = 0.0
+        if HAS_ADV:
+            adv = tl.load(adv_ptr + row)
+            log_ratio = 0.0
+            if HAS_OLD:
+                log_ratio = logp - tl.load(old_ptr + row)
+            lr = tl.minimum(tl.maximum(log_ratio, -20.0), 20.0)   # verl's clamp before exp
+            ratio = tl.exp(lr)
+            pg1 = -adv * ratio
+            pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+            pg = tl.maximum(pg1, pg2)
+            flows = (pg1 >= pg2) & (tl.abs(log_ratio) <= 20.0)   # the gradient goes through pg1
+            if HAS_DUAL_CLIP:
+                pg3 = -adv * clip_c
+                dual = (adv < 0) & (pg3 < pg)
+                pg = tl.where(dual, pg3, pg)
+                flows = flows & (dual == 0)
+            dl_dlogp += tl.where(flows, pg1, 0.0)
+            clipped = tl.where(pg2 > pg1, 1.0, 0.0)
+            ppo_kl = -lr
+
+        kl = 0.0
+        if HAS_KL:
+            dref = tl.load(ref_ptr + row) - logp
+            k3 = tl.exp(dref) - dref - 1.0
+            kl = tl.minimum(tl.maximum(k3, -10.0), 10.0)
+            dl_dlogp += kl_coef * tl.where(tl.abs(k3) <= 10.0, 1.0 - tl.exp(dref), 0.0)
+
+        if WRITE_OUTPUTS:
+            loss = pg + kl_coef * kl - entropy_coef * entropy + distill_coef * distill
+            tl.store(out_ptr + 0 * N + row, loss)
+            tl.store(out_ptr + 1 * N + row, logp)
+            tl.store(out_ptr + 2 * N + row, entropy)
+            tl.store(out_ptr + 3 * N + row, gate)
+            tl.store(out_ptr + 4 * N + row, gap)
+            tl.store(out_ptr + 5 * N + row, distill)
+            tl.store(out_ptr + 6 * N + row, pg)
+            tl.store(out_ptr + 7 * N + row, clipped)
+            tl.store(out_ptr + 8 * N + row, ppo_kl)
+            tl.store(out_ptr + 9 * N + row, kl)
+
+        # ---------------- pass 2: gradient (README.md "Gradient") ----------------
+        if WRITE_GRAD:
+            c = w * dl_dlogp
+            ent_w = w * entropy_coef
+            div_w = w * distill_coef * gate
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                in_v = offs < V
+                u = tl.load(logits_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) * k_scale
+                lp2 = u - lse2_s
+                p = tl.exp2(lp2)
+                g = -c * p
+                if HAS_ENTROPY:    # d(-H)/ds = p * (log p + H)
+                    g += ent_w * p * (LN2 * tl.maximum(lp2, NEG_BIG) + entropy)
+                if DISTILL >= 2:
+                    lq2 = tl.load(teacher_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) * k_scale \
+                        - lse2_t
+                    q = tl.exp2(lq2)
+                    if DISTILL == 2:    # fkl: p - q
+                        g += div_w * (p - q)
+                    elif DISTILL == 3:  # rkl: p * (log p - log q - rkl)
+                        g += div_w * p * (LN2 * (tl.maximum(lp2, NEG_BIG) - tl.maximum(lq2, NEG_BIG)) - div)
+                    else:               # jsd: (1 - b) p * (log p - log M - KL(p||M))
+                        lm2 = tl.log2(jsd_beta * q + (1.0 - jsd_beta) * p)
+                        g += div_w * (1.0 - jsd_beta) * p * LN2 * (
+                            tl.maximum(lp2, NEG_BIG) - tl.maximum(lm2, NEG_BIG) - kp)
+                g = tl.where(offs == y, g + c, g) * inv_tau
+                tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_v)
+    else:
+        # masked row: exact zeros, whatever the logits hold (they may be inf/NaN)
+        if WRITE_OUTPUTS:
+            for f in tl.static_range(10):
+                tl.store(out_ptr + f * N + row, 0.0)
+        if WRITE_GRAD:
+            zeros = tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                tl.store(grad_row + offs, zeros, mask=offs < V)
