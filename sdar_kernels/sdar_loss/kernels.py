@@ -18,10 +18,10 @@ statistics pass (pass 1b) between the two: three reads instead of two (README.md
 import triton
 import triton.language as tl
 
-LN2: tl.constexpr = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 # Finite stand-in for -inf: the running max starts here so (m_old - m_new) * d_old is never -inf * 0,
 # and log-probs of zero-probability entries are floored here so p * log p is 0 * finite = 0.
-NEG_BIG: tl.constexpr = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 # Per-token output rows of `out` ([NUM_FIELDS, N] fp32), in the order of torch_impl.PER_TOKEN_FIELDS.
 NUM_FIELDS = 10
