@@ -1,0 +1,106 @@
+"""The lm-head matmuls of the fused-linear SDAR loss: fp32 chunk logits and the gradient GEMMs.
+
+Logits are produced in fp32 straight from the matmul, never rounded to bf16 first (README.md,
+"Precision"): for bf16/fp16 weights on CUDA that is one GEMM with low-precision operands, fp32
+accumulation and an fp32 output (``torch.mm(..., out_dtype=torch.float32)``); where that overload is
+missing (CPU, older torch) the operands are upcast and the GEMM runs in fp32, with one fp32 copy of the
+weight per call (bounded: V * H * 4 bytes, independent of N).
+
+The backward GEMMs take the fp32 logit gradient g [C, V]:
+  grad_hidden[chunk] = g @ W           (operands in the weight's dtype on CUDA, as eager autograd does)
+  grad_W            += g.T @ h_chunk   (accumulated in an fp32 [V, H] buffer, chunks in order: deterministic)
+  grad_b            += g.sum(0)        (fp32)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+F32 = torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_out_dtype_mm(dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=float32)`` works for ``dtype`` operands on this CUDA build.
+
+    Probed once per dtype on a tiny problem (one host sync at first use, never on the hot path)."""
+    try:
+        a = torch.ones(2, 3, dtype=dtype, device="cuda")
+        out = torch.mm(a, a.T, out_dtype=F32)
+        return out.dtype == F32 and bool((out == 3).all())
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_out_dtype_addmm_inplace(dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` accumulates into an fp32 buffer in
+    place (no [V, H] fp32 temporary per chunk). Probed once per dtype, like ``_cuda_out_dtype_mm``."""
+    try:
+        a = torch.ones(2, 3, dtype=dtype, device="cuda")
+        acc = torch.ones(2, 2, dtype=F32, device="cuda")
+        torch.addmm(acc, a, a.T, out_dtype=F32, out=acc)
+        return bool((acc == 4).all())
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+class Head:
+    """One lm head (weight [V, H], optional bias [V]) as the chunk loop uses it. Holds detached tensors."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, share_weight_with: "Head" = None):
+        self.weight = weight.detach()
+        self._shared = share_weight_with    # same weight tensor: share the fp32 copy, if one is made
+        self.dtype = weight.dtype
+        self.bias = None if bias is None else bias.detach().to(F32)
+        self.native = self.dtype == F32 or (weight.is_cuda and _cuda_out_dtype_mm(self.dtype))
+        self._w32 = None
+
+    @property
+    def low_precision_grad_copy(self) -> bool:
+        """The backward GEMMs need a [C, V] copy of the gradient in the weight's dtype."""
+        return self.native and self.dtype != F32
+
+    def w32(self) -> torch.Tensor:
+        if self._shared is not None:
+            return self._shared.w32()
+        if self._w32 is None:
+            self._w32 = self.weight.to(F32)
+        return self._w32
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 [C, V] logits of the hidden rows ``h`` [C, H] (a fresh buffer the loss may overwrite)."""
+        if self.dtype == F32:
+            z = torch.mm(h, self.weight.T)
+        elif self.native:
+            z = torch.mm(h, self.weight.T, out_dtype=F32)
+        else:
+            z = torch.mm(h.to(F32), self.w32().T)
+        if self.bias is not None:
+            z.add_(self.bias)
+        return z
+
+    def grad_operand(self, g: torch.Tensor) -> torch.Tensor:
+        """The backward GEMMs' left operand: g itself, or its copy in the weight dtype (CUDA bf16/fp16)."""
+        return g.to(self.dtype) if self.low_precision_grad_copy else g
+
+    def grad_input(self, g_op: torch.Tensor, out: torch.Tensor) -> None:
+        """out [C, H] (the hidden dtype) = g @ W."""
+        if self.native:
+            torch.mm(g_op, self.weight, out=out)
+        else:
+            out.copy_(torch.mm(g_op, self.w32()))
+
+    def accumulate_grad_weight(self, acc: torch.Tensor, g_op: torch.Tensor, h: torch.Tensor) -> None:
+        """acc [V, H] fp32 += g.T @ h."""
+        if self.dtype == F32:
+            acc.addmm_(g_op.T, h)
+        elif self.native:
+            if _cuda_out_dtype_addmm_inplace(self.dtype):
+                torch.addmm(acc, g_op.T, h, out_dtype=F32, out=acc)
+            else:  # one fp32 [V, H] temporary per chunk
+                acc.add_(torch.mm(g_op.T, h, out_dtype=F32))
+        else:
+            acc.addmm_(g_op.T, h.to(F32))

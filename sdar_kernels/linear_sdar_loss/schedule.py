@@ -1,0 +1,146 @@
+"""The chunk loop of the fused-linear SDAR loss (README.md in this folder, "Schedule").
+
+For each chunk of C token rows:
+  1. z_S = h @ W.T (+ b) in fp32 [C, V]; z_T = h_T @ W_T.T (+ b_T) in fp32 unless the teacher is given
+     as log-probs (then no teacher matmul at all);
+  2. the row engine (Triton or torch, the same ones ``sdar_loss`` uses) computes the per-token terms and,
+     when asked, overwrites z_S with w_t * dl_t/dz_S (in place);
+  3. grad_hidden[chunk] = g @ W ; grad_W += g.T @ h ; grad_b += g.sum(0)   (chunks in order).
+Nothing of size [N, V] is ever allocated: the live extra memory is one chunk's buffers (chunking.py).
+
+Masked rows: on CPU they are dropped before chunking (``mask.nonzero()`` is free there), so they cost
+no matmul work. On CUDA that would be a host sync, so every row is computed and the masked ones get
+w_t = 0, exact-zero gradients, and 0 outputs from the row engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..sdar_loss.function import TorchRows
+from ..sdar_loss.torch_impl import PER_TOKEN_FIELDS
+from .chunking import chunk_rows
+from .heads import Head
+
+F32 = torch.float32
+
+
+@dataclass
+class Plan:
+    """Everything the chunk loop needs, built once per call (and kept for the "none" backward)."""
+
+    inputs: object                      # LinearInputs
+    rows: object                        # row engine: TorchRows / TritonRows
+    head: Head
+    teacher_head: Head | None
+    active: torch.Tensor | None         # [n] int64 rows that carry loss (CPU compaction), None = all
+    chunk: int                          # rows per chunk
+
+    @property
+    def n_rows(self) -> int:
+        return self.inputs.hidden.shape[0] if self.active is None else self.active.numel()
+
+    def chunks(self):
+        """(position slice, row selector) per chunk; the selector is a slice or an index tensor."""
+        n = self.n_rows
+        for r0 in range(0, n, self.chunk):
+            sl = slice(r0, min(n, r0 + self.chunk))
+            yield sl, (sl if self.active is None else self.active[sl])
+
+
+def make_plan(inputs, rows) -> Plan:
+    x = inputs.x
+    head = Head(inputs.weight, inputs.bias)
+    teacher_head = None
+    if inputs.teacher_hidden is not None:
+        if inputs.shared_weight and inputs.teacher_bias is inputs.bias:
+            teacher_head = head
+        else:
+            teacher_head = Head(inputs.teacher_weight, inputs.teacher_bias,
+                                share_weight_with=head if inputs.shared_weight else None)
+    active = None
+    if not x.mask.is_cuda and not bool(x.mask.all()):
+        active = x.mask.nonzero().reshape(-1)   # free on CPU; never done on CUDA (host sync)
+    N, H = inputs.hidden.shape
+    V = inputs.weight.shape[0]
+    n = N if active is None else active.numel()
+    chunk = chunk_rows(n, V, H, device_type=inputs.hidden.device.type,
+                       teacher_logits=teacher_head is not None,
+                       low_precision_grad_copy=head.low_precision_grad_copy,
+                       torch_engine=rows is TorchRows)
+    return Plan(inputs=inputs, rows=rows, head=head, teacher_head=teacher_head, active=active, chunk=chunk)
+
+
+def _take(t, sel):
+    if t is None:
+        return None
+    return t[sel] if isinstance(sel, slice) else t.index_select(0, sel)
+
+
+def _chunk_inputs(plan, sel, z_student, z_teacher, weights):
+    x = plan.inputs.x
+    return replace(
+        x, logits=z_student, labels=_take(x.labels, sel), mask=_take(x.mask, sel),
+        weights=weights, teacher_logits=z_teacher, teacher_logprobs=_take(x.teacher_logprobs, sel),
+        advantages=_take(x.advantages, sel), old_logprobs=_take(x.old_logprobs, sel),
+        ref_logprobs=_take(x.ref_logprobs, sel), token_shape=torch.Size([z_student.shape[0]]),
+    )
+
+
+def run_chunks(plan: Plan, weights: torch.Tensor, *, grad_hidden=None, grad_weight=None, grad_bias=None,
+               save_stats=False, stats=None, backward=False):
+    """One pass over all chunks.
+
+    Forward (``backward=False``): returns (per_token dict of [N] fp32, list of per-chunk engine stats or
+    None); if any grad buffer is given the gradient for ``weights`` is accumulated into it (fused).
+    Backward (``backward=True``): gradient only, using the engine's ``backward`` with the saved ``stats``.
+    grad_hidden: [N, H] hidden dtype (fully written: masked / dropped rows get 0); grad_weight: [V, H]
+    fp32 and grad_bias: [V] fp32 accumulators (added to).
+    """
+    inp = plan.inputs
+    h_all, th_all = inp.hidden.detach(), inp.teacher_hidden
+    N = h_all.shape[0]
+    want_grad = grad_hidden is not None or grad_weight is not None or grad_bias is not None
+    out = None
+    if not backward:
+        out = {k: torch.zeros(N, dtype=F32, device=h_all.device) for k in PER_TOKEN_FIELDS}
+    if grad_hidden is not None and plan.active is not None:
+        grad_hidden.zero_()                      # dropped (masked) rows are never visited
+    saved = [] if save_stats else None
+
+    for i, (pos, sel) in enumerate(plan.chunks()):
+        h = _take(h_all, sel)
+        z = plan.head.logits(h)
+        zt = None if plan.teacher_head is None else plan.teacher_head.logits(_take(th_all, sel))
+        xc = _chunk_inputs(plan, sel, z, zt, _take(weights, sel))
+        grad = z if want_grad else None          # the engine overwrites the logits with the gradient
+        if backward:
+            plan.rows.backward(xc, xc.weights, grad, None if stats is None else stats[i])
+        else:
+            per_token, st = plan.rows.forward(xc, xc.weights, grad, save_stats)
+            if saved is not None:
+                saved.append(st)
+            for k in PER_TOKEN_FIELDS:
+                if isinstance(sel, slice):
+                    out[k][sel] = per_token[k]
+                else:
+                    out[k].index_copy_(0, sel, per_token[k])
+        del zt, xc
+        if not want_grad:
+            continue
+        g_op = plan.head.grad_operand(z)
+        if grad_hidden is not None:
+            if isinstance(sel, slice):
+                plan.head.grad_input(g_op, grad_hidden[sel])
+            else:
+                tmp = torch.empty(h.shape, dtype=grad_hidden.dtype, device=h.device)
+                plan.head.grad_input(g_op, tmp)
+                grad_hidden.index_copy_(0, sel, tmp)
+        if grad_weight is not None:
+            plan.head.accumulate_grad_weight(grad_weight, g_op, h)
+        if grad_bias is not None:
+            grad_bias.add_(z.sum(0))
+        del g_op, z
+    return out, saved
