@@ -1,5 +1,6 @@
 """``sdar_kernels.reference``: the plain eager PyTorch oracles of every op (readable, fp32 / fp64)."""
 
 from .sdar_loss.reference import sdar_loss_reference
+from .linear_sdar_loss.reference import linear_sdar_loss_reference
 
-__all__ = ["sdar_loss_reference"]
+__all__ = ["sdar_loss_reference", "linear_sdar_loss_reference"]
