@@ -30,12 +30,15 @@ def _rowdot(a, b):
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
 
 
-def _masked_fp32(x, keep, inv_tau):
-    """fp32 copy of the chunk with masked rows zeroed (they may hold inf/NaN), scaled by 1/temperature."""
-    out = torch.where(keep[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device)).to(torch.float32)
+def _log_softmax_fp32(x, inv_tau):
+    """fp32 log-softmax of a chunk of logits / temperature (a fused torch kernel: one new buffer).
+
+    -inf logits give log-probs floored at LOG_FLOOR. Masked rows are not cleaned first: their NaN/inf
+    stay inside their own row and are replaced by zeros in the outputs and the gradient.
+    """
     if inv_tau != 1.0:
-        out.mul_(inv_tau)
-    return out
+        x = x.to(torch.float32) * inv_tau
+    return torch.log_softmax(x, dim=-1, dtype=torch.float32).clamp_min_(LOG_FLOOR)
 
 
 def sdar_rows_torch(x, weights, grad=None):
@@ -62,16 +65,14 @@ def _chunk(x, sl, w, grad):
     keep = x.mask[sl]
     y = x.labels[sl].clamp(0, x.logits.shape[1] - 1)[:, None]  # masked rows may hold ignore labels
 
-    logp_all = _masked_fp32(x.logits[sl], keep, inv_tau)
-    logp_all.sub_(torch.logsumexp(logp_all, dim=-1, keepdim=True)).clamp_min_(LOG_FLOOR)  # log p_S
+    logp_all = _log_softmax_fp32(x.logits[sl], inv_tau)  # log p_S
     p = torch.exp(logp_all)
     logp = logp_all.gather(1, y).squeeze(1)
     entropy = -_rowdot(p, logp_all)
 
     logp_teacher, divergence, div_grad = None, None, None
     if x.teacher_logits is not None:
-        logq_all = _masked_fp32(x.teacher_logits[sl], keep, inv_tau)
-        logq_all.sub_(torch.logsumexp(logq_all, dim=-1, keepdim=True)).clamp_min_(LOG_FLOOR)  # log p_T
+        logq_all = _log_softmax_fp32(x.teacher_logits[sl], inv_tau)  # log p_T
         logp_teacher = logq_all.gather(1, y).squeeze(1)
         if o.full_vocab_distill:
             divergence, div_grad = _divergence(o, logp_all, p, logq_all, entropy, want_grad=grad is not None)
@@ -87,20 +88,23 @@ def _chunk(x, sl, w, grad):
                     old_logprobs=side(x.old_logprobs), ref_logprobs=side(x.ref_logprobs))
 
     if grad is not None:
-        # dL/ds = p * (-c + w*ec*(log p + H)) + c * 1{v=y} + w*dc*gate * d(div)/ds ; then / tau
-        g = logp_all
+        # dL/ds = p * (w*ec*(log p + H) - c) + c * 1{v=y} + w*dc*gate * d(div)/ds ; then / tau.
+        # fp32 gradients are written straight into `grad`; other dtypes go through the fp32 chunk.
+        dst = grad if grad.dtype == torch.float32 else logp_all
         if o.entropy_coef != 0.0:
-            g.add_(entropy[:, None]).mul_((w * o.entropy_coef)[:, None])
+            w_ec = (w * o.entropy_coef)[:, None]
+            logp_all.mul_(w_ec).add_(w_ec * entropy[:, None] - t.coef[:, None])
+            torch.mul(logp_all, p, out=dst)
         else:
-            g.zero_()
-        g.sub_(t.coef[:, None]).mul_(p)
-        g.scatter_add_(1, y, t.coef[:, None])
+            torch.mul(p, -t.coef[:, None], out=dst)
+        dst.scatter_add_(1, y, t.coef[:, None])
         if div_grad is not None:
-            g.add_(div_grad.mul_(t.distill_scale[:, None]))
+            dst.add_(div_grad.mul_(t.distill_scale[:, None]))
         if inv_tau != 1.0:
-            g.mul_(inv_tau)
-        g.masked_fill_(~keep[:, None], 0.0)  # exact zeros on masked rows, whatever their logits held
-        grad.copy_(g)
+            dst.mul_(inv_tau)
+        dst.masked_fill_(~keep[:, None], 0.0)  # exact zeros on masked rows, whatever their logits held
+        if dst is not grad:
+            grad.copy_(dst)
 
     return dict(loss=t.loss, logprobs=torch.where(keep, logp, 0.0), entropy=torch.where(keep, entropy, 0.0),
                 gate=t.gate, gap=t.gap, distill=t.distill, pg=t.pg, clipped=t.clipped, ppo_kl=t.ppo_kl, kl=t.kl)
