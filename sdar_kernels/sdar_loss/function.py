@@ -9,6 +9,8 @@ Two schedules, picked from the reduction:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .._checks import normalize_inputs
@@ -73,25 +75,27 @@ class SDARLossFunction(torch.autograd.Function):
             loss = (x.weights * loss_tok).sum()
 
         ctx.fused, ctx.x, ctx.rows, ctx.stats, ctx.used = fused, x, rows, stats, False
-        ctx.logits_shape, ctx.logits_dtype = logits2d.shape, logits2d.dtype
-        if fused:
-            ctx.save_for_backward(grad)
+        # fused: the gradient; "none": the logits, re-read by the backward pass (saved through autograd
+        # so an in-place change to them between forward and backward raises instead of going unseen)
+        ctx.save_for_backward(grad if fused else logits2d)
         stacked = torch.stack([per_token[k] for k in PER_TOKEN_FIELDS[1:]])
         ctx.mark_non_differentiable(stacked)
         return loss, stacked
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stacked):
-        if ctx.used:
-            raise RuntimeError("sdar_loss: backward ran twice; the fused gradient buffer is scaled in place, "
-                               "so retain_graph re-use is not supported")
+        if ctx.used and (ctx.fused or ctx.x.options.inplace_backward):
+            raise RuntimeError("sdar_loss: backward ran twice through one forward; the gradient buffer (or, "
+                               "with inplace_backward, the logits) was consumed in place, so retain_graph "
+                               "re-use is not supported")
         ctx.used = True
+        (saved,) = ctx.saved_tensors
         if ctx.fused:
-            (grad,) = ctx.saved_tensors
-            return grad.mul_(grad_loss.to(grad.dtype)), None, None
-        x = ctx.x
+            return saved.mul_(grad_loss.to(saved.dtype)), None, None
+        x = dataclasses.replace(ctx.x, logits=saved)
         weights = x.mask.to(torch.float32) * grad_loss.reshape(-1).to(torch.float32)
-        grad = torch.empty(ctx.logits_shape, dtype=ctx.logits_dtype, device=grad_loss.device)
+        # inplace_backward: each block of the logits is read before its gradient overwrites it
+        grad = saved if x.options.inplace_backward else torch.empty_like(saved)
         ctx.rows.backward(x, weights, grad, ctx.stats)
         return grad, None, None
 
