@@ -2,5 +2,6 @@
 
 from .config import SDARConfig
 from .loss import SDARLoss
+from .linear_loss import LinearSDARLoss
 
-__all__ = ["SDARConfig", "SDARLoss"]
+__all__ = ["SDARConfig", "SDARLoss", "LinearSDARLoss"]

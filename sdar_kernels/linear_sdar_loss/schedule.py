@@ -9,8 +9,9 @@ For each chunk of C token rows:
 Nothing of size [N, V] is ever allocated: the live extra memory is one chunk's buffers (chunking.py).
 
 Masked rows: on CPU they are dropped before chunking (``mask.nonzero()`` is free there), so they cost
-no matmul work. On CUDA that would be a host sync, so every row is computed and the masked ones get
-w_t = 0, exact-zero gradients, and 0 outputs from the row engine.
+no matmul work. On CUDA that would be a host sync, so every row is computed: its hidden row is zeroed
+first (a [C, H] select, so non-finite hidden states of padding cannot reach grad_W through 0 * NaN),
+and the row engine gives it w_t = 0, an exact-zero gradient and 0 outputs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from .heads import Head
 
 F32 = torch.float32
 
+# Drop masked rows before chunking where that is free (CPU). Tests switch it off to run the CUDA schedule.
+COMPACT_MASKED_ROWS_ON_CPU = True
+
 
 @dataclass
 class Plan:
@@ -37,6 +41,7 @@ class Plan:
     teacher_head: Head | None
     active: torch.Tensor | None         # [n] int64 rows that carry loss (CPU compaction), None = all
     chunk: int                          # rows per chunk
+    zero_masked_rows: bool              # rows are not compacted and some may be masked
 
     @property
     def n_rows(self) -> int:
@@ -61,8 +66,9 @@ def make_plan(inputs, rows) -> Plan:
             teacher_head = Head(inputs.teacher_weight, inputs.teacher_bias,
                                 share_weight_with=head if inputs.shared_weight else None)
     active = None
-    if not x.mask.is_cuda and not bool(x.mask.all()):
-        active = x.mask.nonzero().reshape(-1)   # free on CPU; never done on CUDA (host sync)
+    all_kept = False if x.mask.is_cuda else bool(x.mask.all())   # a host sync only on CPU, where it is free
+    if COMPACT_MASKED_ROWS_ON_CPU and not x.mask.is_cuda and not all_kept:
+        active = x.mask.nonzero().reshape(-1)
     N, H = inputs.hidden.shape
     V = inputs.weight.shape[0]
     n = N if active is None else active.numel()
@@ -70,7 +76,8 @@ def make_plan(inputs, rows) -> Plan:
                        teacher_logits=teacher_head is not None,
                        low_precision_grad_copy=head.low_precision_grad_copy,
                        torch_engine=rows is TorchRows)
-    return Plan(inputs=inputs, rows=rows, head=head, teacher_head=teacher_head, active=active, chunk=chunk)
+    return Plan(inputs=inputs, rows=rows, head=head, teacher_head=teacher_head, active=active, chunk=chunk,
+                zero_masked_rows=active is None and not all_kept)
 
 
 def _take(t, sel):
@@ -112,6 +119,8 @@ def run_chunks(plan: Plan, weights: torch.Tensor, *, grad_hidden=None, grad_weig
 
     for i, (pos, sel) in enumerate(plan.chunks()):
         h = _take(h_all, sel)
+        if plan.zero_masked_rows:
+            h = torch.where(_take(inp.x.mask, sel)[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
         z = plan.head.logits(h)
         zt = None if plan.teacher_head is None else plan.teacher_head.logits(_take(th_all, sel))
         xc = _chunk_inputs(plan, sel, z, zt, _take(weights, sel))
