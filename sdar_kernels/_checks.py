@@ -23,17 +23,36 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class PreparedInputs:
     """Flat [N] / [N, V] views of one call's tensors, ready for any backend."""
 
-    logits: torch.Tensor                  # [N, V], unit stride along V
+    logits: torch.Tensor                  # [N, V] (or [B, T, V] without a flat view), unit stride along V
     labels: torch.Tensor                  # [N] int64
     mask: torch.Tensor                    # [N] bool
     weights: torch.Tensor                 # [N] fp32: d(loss)/d(l_t); 0 on masked rows
-    teacher_logits: torch.Tensor | None   # [N, V] (detached)
+    teacher_logits: torch.Tensor | None   # like logits (detached)
     teacher_logprobs: torch.Tensor | None  # [N] fp32
     advantages: torch.Tensor | None       # [N] fp32
     old_logprobs: torch.Tensor | None     # [N] fp32
     ref_logprobs: torch.Tensor | None     # [N] fp32
     token_shape: torch.Size
     options: SDAROptions
+
+
+def token_rows(t):
+    """``t`` [..., V] as rows of the vocabulary without copying where possible.
+
+    Returns an [N, V] view, or, for a [B, T, V] tensor that has no such view (e.g. ``logits[:, :-1]``
+    cut from [B, T + 1, V] model outputs), the 3-D tensor itself: the kernels index its rows as
+    (b, t) with its own strides, so the usual slice costs no [N, V] copy. Only a non-unit stride
+    along V, or a >3-D input without a flat view, is copied.
+    """
+    V = t.shape[-1]
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(-1, V)
+    except RuntimeError:
+        return t if t.dim() == 3 else t.reshape(-1, V)
 
 
 def check_tensor(name, t, *, shape=None, device=None, dtypes=None, allow_none=True):
@@ -152,18 +171,11 @@ def normalize_inputs(logits, labels, *, teacher_logits=None, teacher_logprobs=No
     def flat(t):
         return None if t is None else t.detach().reshape(-1).to(torch.float32).contiguous()
 
-    logits2d = logits.reshape(-1, V)
-    if logits2d.stride(-1) != 1:
-        logits2d = logits2d.contiguous()
-    teacher2d = None
-    if teacher_logits is not None:
-        teacher2d = teacher_logits.detach().reshape(-1, V)
-        if teacher2d.stride(-1) != 1:
-            teacher2d = teacher2d.contiguous()
     return PreparedInputs(
-        logits=logits2d, labels=labels_flat, mask=mask_bool.reshape(-1),
+        logits=token_rows(logits), labels=labels_flat, mask=mask_bool.reshape(-1),
         weights=aggregation_weights(mask_bool, options, loss_weights=loss_weights, num_tokens=num_tokens),
-        teacher_logits=teacher2d, teacher_logprobs=flat(teacher_logprobs), advantages=flat(advantages),
+        teacher_logits=None if teacher_logits is None else token_rows(teacher_logits.detach()),
+        teacher_logprobs=flat(teacher_logprobs), advantages=flat(advantages),
         old_logprobs=flat(old_logprobs), ref_logprobs=flat(ref_logprobs), token_shape=token_shape,
         options=options,
     )

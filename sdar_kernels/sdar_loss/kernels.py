@@ -107,8 +107,10 @@ def sdar_rows_kernel(
     # inputs
     logits_ptr, teacher_ptr, labels_ptr, mask_ptr, weights_ptr,
     teacher_logp_ptr, adv_ptr, old_ptr, ref_ptr,
-    # strides (elements) and sizes
-    stride_logits, stride_teacher, stride_grad, N, V,
+    # strides (elements) and sizes; token row r lives at (r // seq_len) * stride_*_b + (r % seq_len) * stride_*_t,
+    # so [B, T, V] tensors sliced along T (logits[:, :-1]) are read in place ([N, V]: seq_len = N)
+    stride_logits_b, stride_logits_t, stride_teacher_b, stride_teacher_t, stride_grad_b, stride_grad_t,
+    seq_len, N, V,
     # runtime scalars
     k_scale, inv_tau, gate_beta, distill_coef, jsd_beta, clip_low, clip_high, clip_c, kl_coef, entropy_coef,
     # compile-time switches
@@ -122,9 +124,11 @@ def sdar_rows_kernel(
     row = tl.program_id(0).to(tl.int64)   # int64 before any pointer arithmetic: N * V passes 2^31
     cols = tl.arange(0, BLOCK_V)
     keep = tl.load(mask_ptr + row) != 0
-    logits_row = logits_ptr + row * stride_logits
-    teacher_row = teacher_ptr + row * stride_teacher
-    grad_row = grad_ptr + row * stride_grad
+    outer = row // seq_len
+    inner = row - outer * seq_len
+    logits_row = logits_ptr + outer * stride_logits_b + inner * stride_logits_t
+    teacher_row = teacher_ptr + outer * stride_teacher_b + inner * stride_teacher_t
+    grad_row = grad_ptr + outer * stride_grad_b + inner * stride_grad_t
 
     if keep:
         w = tl.load(weights_ptr + row)

@@ -30,7 +30,7 @@ def _block_and_warps(V: int):
 
 def _launch(x, weights, grad, out, stats, *, compute_stats, store_stats, write_grad, write_outputs):
     o = x.options
-    N, V = x.logits.shape
+    N, V = x.labels.shape[0], x.logits.shape[-1]
     if N == 0:
         return
     block, warps = _block_and_warps(V)
@@ -39,12 +39,14 @@ def _launch(x, weights, grad, out, stats, *, compute_stats, store_stats, write_g
     teacher = x.teacher_logits if x.teacher_logits is not None else logits
     grad_t = grad if grad is not None else logits
     inv_tau = 1.0 / o.temperature
+    t_rows = next((t.shape[1] for t in (logits, teacher, grad_t) if t.dim() == 3), N)
     sdar_rows_kernel[(N,)](
         grad_t, out, stats,
         logits, teacher, x.labels, x.mask.view(torch.uint8), weights,
         _or(x.teacher_logprobs, dummy), _or(x.advantages, dummy), _or(x.old_logprobs, dummy),
         _or(x.ref_logprobs, dummy),
-        logits.stride(0), teacher.stride(0), grad_t.stride(0), N, V,
+        *_row_strides(logits, t_rows), *_row_strides(teacher, t_rows), *_row_strides(grad_t, t_rows),
+        t_rows, N, V,
         inv_tau / math.log(2.0), inv_tau, o.gate_beta, o.distill_coef, o.jsd_beta, o.clip_low, o.clip_high,
         o.clip_ratio_c if o.clip_ratio_c is not None else 0.0, o.kl_coef, o.entropy_coef,
         BLOCK_V=block,
@@ -59,6 +61,13 @@ def _launch(x, weights, grad, out, stats, *, compute_stats, store_stats, write_g
     )
 
 
+def _row_strides(t, t_rows):
+    """(stride between leading indices, stride between tokens) of a [B, T, V] or [N, V] tensor."""
+    if t.dim() == 3:
+        return t.stride(0), t.stride(1)
+    return t.stride(0) * t_rows, t.stride(0)
+
+
 def _or(t, fallback):
     return t if t is not None else fallback
 
@@ -67,7 +76,7 @@ def sdar_rows_triton(x, weights, grad=None, *, save_stats=False):
     """Forward launch: per-token outputs (dict of [N] fp32) and, if ``grad`` is given, w_t * dl_t/dz
     written into it (it may be ``x.logits`` itself). With ``save_stats`` the row statistics are kept
     for :func:`sdar_rows_triton_grad`."""
-    N = x.logits.shape[0]
+    N = x.labels.shape[0]
     dev = x.logits.device
     out = torch.empty(NUM_FIELDS, N, dtype=torch.float32, device=dev)
     stats = torch.empty(N, NUM_STATS, dtype=torch.float32, device=dev) if save_stats else out

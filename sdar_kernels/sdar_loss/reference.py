@@ -59,7 +59,8 @@ def sdar_loss_reference(
     m = x.mask  # [N] bool
     # Masked rows may hold inf/NaN logits: zero them (without breaking autograd to the logits)
     # so that nothing non-finite reaches the sums; their weight is 0 anyway.
-    s = torch.where(m[:, None], x.logits.to(dt), torch.zeros((), dtype=dt)) / o.temperature
+    V = x.logits.shape[-1]
+    s = torch.where(m[:, None], x.logits.reshape(-1, V).to(dt), torch.zeros((), dtype=dt)) / o.temperature
     logp_all = F.log_softmax(s, dim=-1)
     p = logp_all.exp()
     y = x.labels.clamp(0, s.shape[-1] - 1)  # masked rows may carry ignore labels (-100)
@@ -68,7 +69,7 @@ def sdar_loss_reference(
 
     logq_all = None
     if x.teacher_logits is not None:
-        t = torch.where(m[:, None], x.teacher_logits.detach().to(dt), torch.zeros((), dtype=dt))
+        t = torch.where(m[:, None], x.teacher_logits.reshape(-1, V).to(dt), torch.zeros((), dtype=dt))
         logq_all = F.log_softmax(t / o.temperature, dim=-1)
         logp_teacher = logq_all.gather(-1, y[:, None]).squeeze(-1)
     elif x.teacher_logprobs is not None:

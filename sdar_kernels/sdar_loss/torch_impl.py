@@ -47,32 +47,43 @@ def sdar_rows_torch(x, weights, grad=None):
 
     Returns a dict of flat [N] fp32 per-token tensors (``PER_TOKEN_FIELDS``), 0 on masked rows.
     """
-    N, V = x.logits.shape
+    N, V = x.labels.shape[0], x.logits.shape[-1]
     out = {k: torch.zeros(N, dtype=torch.float32, device=x.logits.device) for k in PER_TOKEN_FIELDS}
     rows = max(1, min(N, CHUNK_ELEMENTS // max(V, 1)))
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        sl = slice(r0, r1)
-        terms = _chunk(x, sl, weights[sl], None if grad is None else grad[sl])
-        for k in PER_TOKEN_FIELDS:
-            out[k][sl] = terms[k]
+    # [B, T, V] logits without a flat view (sliced along T) are walked sequence by sequence
+    per_seq = next((t.shape[1] for t in (x.logits, x.teacher_logits) if t is not None and t.dim() == 3), N)
+    for s0 in range(0, N, max(per_seq, 1)):
+        for r0 in range(s0, min(N, s0 + per_seq), rows):
+            sl = slice(r0, min(s0 + per_seq, r0 + rows))
+            terms = _chunk(x, sl, weights[sl], None if grad is None else _token_rows(grad, sl))
+            for k in PER_TOKEN_FIELDS:
+                out[k][sl] = terms[k]
     return out
+
+
+def _token_rows(t, sl):
+    """Rows ``sl`` (never crossing a sequence) of an [N, V] or [B, T, V] tensor, as an [n, V] view."""
+    if t.dim() == 2:
+        return t[sl]
+    T = t.shape[1]
+    b = sl.start // T
+    return t[b, sl.start - b * T: sl.stop - b * T]
 
 
 def _chunk(x, sl, w, grad):
     o = x.options
     inv_tau = 1.0 / o.temperature
     keep = x.mask[sl]
-    y = x.labels[sl].clamp(0, x.logits.shape[1] - 1)[:, None]  # masked rows may hold ignore labels
+    y = x.labels[sl].clamp(0, x.logits.shape[-1] - 1)[:, None]  # masked rows may hold ignore labels
 
-    logp_all = _log_softmax_fp32(x.logits[sl], inv_tau)  # log p_S
+    logp_all = _log_softmax_fp32(_token_rows(x.logits, sl), inv_tau)  # log p_S
     p = torch.exp(logp_all)
     logp = logp_all.gather(1, y).squeeze(1)
     entropy = -_rowdot(p, logp_all)
 
     logp_teacher, divergence, div_grad = None, None, None
     if x.teacher_logits is not None:
-        logq_all = _log_softmax_fp32(x.teacher_logits[sl], inv_tau)  # log p_T
+        logq_all = _log_softmax_fp32(_token_rows(x.teacher_logits, sl), inv_tau)  # log p_T
         logp_teacher = logq_all.gather(1, y).squeeze(1)
         if o.full_vocab_distill:
             divergence, div_grad = _divergence(o, logp_all, p, logq_all, entropy, want_grad=grad is not None)
