@@ -59,12 +59,13 @@ class LinearSDARLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stacked):
-        if ctx.used:
-            raise RuntimeError("linear_sdar_loss: backward ran twice; the fused gradients are scaled in "
-                               "place, so retain_graph re-use is not supported")
-        ctx.used = True
         plan = ctx.plan
         if ctx.fused:
+            if ctx.used:
+                raise RuntimeError("linear_sdar_loss: backward ran twice; the fused gradients are scaled in "
+                                   "place, so retain_graph re-use is not supported with reduction "
+                                   "'mean' / 'sum' ('none' recomputes and supports it)")
+            ctx.used = True
             grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads)
             ctx.grads = None
             return (*grads, None)
@@ -73,7 +74,6 @@ class LinearSDARLossFunction(torch.autograd.Function):
         gh, gw, gb = _grad_buffers(plan, ctx.needs, inp.hidden, inp.weight, inp.bias)
         run_chunks(plan, weights, grad_hidden=gh, grad_weight=gw, grad_bias=gb, stats=ctx.stats,
                    backward=True)
-        ctx.stats = None
         return (gh, None if gw is None else gw.to(inp.weight.dtype),
                 None if gb is None else gb.to(inp.bias.dtype), None)
 

@@ -110,8 +110,34 @@ def sdar_loss(
 ) -> SDAROutput:
     """Fused SDAR loss: GRPO (dual clip) + k3 KL + entropy bonus + sigmoid-gated self-distillation.
 
-    See shared/design/LOSS.md for the contract and ``sdar_kernels/sdar_loss/README.md`` for the math.
-    ``backend="auto"`` runs the Triton kernel on CUDA tensors and the chunked torch path elsewhere.
+    Per token: l = pg + kl_coef * kl - entropy_coef * H + distill_coef * gate * D, aggregated as
+    sum_t w_t l_t (shared/design/LOSS.md; derivations in sdar_kernels/sdar_loss/README.md).
+
+    Args:
+        logits: [..., V] student logits (fp32 / bf16 / fp16), usually [B, T, V] or [N, V]. Sliced
+            [B, T, V] views (``logits[:, :-1]``) are read in place.
+        labels: [...] int sampled tokens in [0, V) (any value on masked tokens, e.g. -100).
+        teacher_logits: [..., V] logits of the privileged teacher (no gradient), or
+        teacher_logprobs: [...] precomputed log pi_T(y). At most one; without either there is no
+            distillation term (plain GRPO).
+        mask: [...] bool / 0-1: tokens that get loss. Default: all.
+        advantages: [...] per token, or [B] per sequence for [B, T, V] logits. None: no pg term.
+        old_logprobs: [...] behaviour log-probs for the PPO ratio (None: on-policy, ratio 1).
+        ref_logprobs: [...] reference log-probs, required when kl_coef > 0.
+        loss_weights: [...] explicit w_t (overrides loss_agg_mode); num_tokens: global token count
+            (number or 0-dim tensor) for "token-mean" across data-parallel ranks.
+        gate_beta, distill_coef, distill ("sampled" | "reinforce" | "fkl" | "rkl" | "jsd"), jsd_beta,
+        clip_low, clip_high, clip_ratio_c (None: no dual clip), kl_coef, entropy_coef, temperature,
+        loss_agg_mode (verl's four modes), reduction ("mean" | "sum" | "none").
+        inplace_backward: write the gradient into the logits' storage (saves an [N, V] buffer; the
+            logits are overwritten, so nothing else may read them afterwards).
+        backend: "auto" (Triton on CUDA tensors, the chunked torch path elsewhere) | "triton" | "torch".
+
+    Returns:
+        SDAROutput(loss, logprobs, entropy, gate, gap, metrics); everything but ``loss`` is detached.
+
+    Raises:
+        ValueError naming the argument, for every malformed input or option.
     """
     x = normalize_inputs(
         logits, labels, teacher_logits=teacher_logits, teacher_logprobs=teacher_logprobs, mask=mask,
