@@ -25,7 +25,7 @@ F64 = torch.float64
 # ----------------------------------------------------------------------------------------------- inputs
 def make_case(shape, H, V, dtype=torch.float32, *, teacher="shared", bias=True, mask="random",
               advantages=None, old_logprobs=False, ref_logprobs=False, loss_weights=False,
-              teacher_hidden_size=None, seed=0):
+              teacher_hidden_size=None, seed=0, device="cpu"):
     """One call's inputs. teacher: "shared" | "separate" | "logprobs" | None. mask: "random" | "none" |
     "all" | "ignore" (random, labels -100 on masked rows) | "nonfinite" (random, NaN/inf hidden there)."""
     g = torch.Generator().manual_seed(seed)
@@ -74,7 +74,7 @@ def make_case(shape, H, V, dtype=torch.float32, *, teacher="shared", bias=True, 
         case["ref_logprobs"] = logp + torch.randn(tok, generator=g) * 1.5
     if loss_weights:
         case["loss_weights"] = torch.rand(tok, generator=g) + 0.1
-    return case
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
 
 
 DIFF = ("hidden", "weight", "bias")
@@ -91,8 +91,8 @@ def _leaves(case):
 def _upstream(loss, seed=1):
     """A random per-token upstream for reduction "none"; 0.75 for a scalar (exercises the scaling)."""
     if loss.dim() == 0:
-        return torch.tensor(0.75)
-    return torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed))
+        return torch.tensor(0.75, device=loss.device)
+    return torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed)).to(loss.device)
 
 
 def run_linear(fn, case, options, **extra):
