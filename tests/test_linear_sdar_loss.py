@@ -338,6 +338,31 @@ def test_no_gradient_to_teacher_and_partial_grads(small_chunks):
     torch.testing.assert_close(nog.loss, full.loss)
 
 
+def test_autocast_does_not_round_the_logits(small_chunks):
+    """Under an enclosing autocast the chunk GEMMs stay in fp32 (same result as without autocast)."""
+    case = make_case(40, 32, 157, torch.float32, teacher="shared", advantages="token")
+    plain, g1 = run_linear(sk.linear_sdar_loss, case, dict(reduction="none"), backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, g2 = run_linear(sk.linear_sdar_loss, case, dict(reduction="none"), backend="torch")
+    torch.testing.assert_close(auto.loss, plain.loss, rtol=1e-6, atol=1e-7)
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-5, atol=1e-7)
+
+
+def test_retain_graph_none_and_guard_mean(small_chunks):
+    case = _leaves(make_case(30, 20, 101, torch.float32, teacher="shared"))
+    out = sk.linear_sdar_loss(**case, reduction="none", backend="torch")
+    up = torch.randn(30)
+    out.loss.backward(up, retain_graph=True)
+    first = case["weight"].grad.clone()
+    out.loss.backward(up)
+    torch.testing.assert_close(case["weight"].grad, 2 * first)
+    out = sk.linear_sdar_loss(**case, backend="torch")
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.loss.backward()
+
+
 def test_reference_matches_eager_logits():
     """The reference is literally sdar_loss_reference on fp32 logits (a self-check of the oracle wiring)."""
     case = make_case(29, 16, 89, torch.float32, teacher="separate")

@@ -96,8 +96,15 @@ def _chunk_inputs(plan, sel, z_student, z_teacher, weights):
     )
 
 
-def run_chunks(plan: Plan, weights: torch.Tensor, *, grad_hidden=None, grad_weight=None, grad_bias=None,
-               save_stats=False, stats=None, backward=False):
+def run_chunks(plan: Plan, weights: torch.Tensor, **kwargs):
+    """See ``_run_chunks``. Autocast is off inside: an enclosing ``torch.autocast`` would otherwise turn
+    the fp32 logit GEMMs into bf16 ones and round the logits, which is what this op exists to avoid."""
+    with torch.autocast(device_type=plan.inputs.hidden.device.type, enabled=False):
+        return _run_chunks(plan, weights, **kwargs)
+
+
+def _run_chunks(plan: Plan, weights: torch.Tensor, *, grad_hidden=None, grad_weight=None, grad_bias=None,
+                save_stats=False, stats=None, backward=False):
     """One pass over all chunks.
 
     Forward (``backward=False``): returns (per_token dict of [N] fp32, list of per-chunk engine stats or
