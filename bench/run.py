@@ -10,6 +10,7 @@ Every row is appended to bench/results/<device>.csv (never overwritten); plots g
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -194,6 +195,8 @@ def main(argv=None):
     ap.add_argument("--no-csv", action="store_true", help="do not append to bench/results/<device>.csv")
     ap.add_argument("--results", default=RESULTS, help="folder of the CSV and PNG files")
     ap.add_argument("--markdown", help="also write the table as Markdown to this file")
+    ap.add_argument("--jsonl", help="append each raw row to this file as soon as it is measured "
+                    "(survives a timeout that kills the run before the table)")
     ap.add_argument("--budget", type=float, help="CPU: seconds of timed calls per case and mode "
                     "(default 0.3 quick, 1.0 otherwise; at least 3 calls)")
     ap.add_argument("--in-process", action="store_true",
@@ -245,6 +248,9 @@ def main(argv=None):
                              config=case.config, provider=name, set=set_name, **r))
             if load is not None:
                 rows[-1]["note"] = (rows[-1].get("note") or "") + f" load1={load:.1f}"
+            if a.jsonl:
+                with open(a.jsonl, "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
         bar.update(1)
     bar.close()
     derive(rows, copy_bw)
