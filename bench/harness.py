@@ -180,7 +180,7 @@ def copy_bandwidth_gbps(device: str) -> float:
     nbytes = (1 << 30) if device == "cuda" else (1 << 27)  # 1 GiB on GPU, 128 MiB on CPU (>> caches)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)[0]
+    ms = time_ms(lambda: dst.copy_(src), device, budget_s=0.3)[0]
     del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
