@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -51,6 +52,7 @@ def _child(mode, N, V, H):
     except OSError:
         reset = False
     base = _status("VmRSS")
+    t0 = time.perf_counter()
     if mode == "fused":
         out = sk.linear_sdar_loss(hidden, weight, labels, teacher_hidden=teacher_hidden, mask=mask,
                                   advantages=advantages, backend="torch")
@@ -63,10 +65,11 @@ def _child(mode, N, V, H):
         out = fn(logits, labels, teacher_logits=teacher_logits, mask=mask, advantages=advantages, **extra)
     loss = out.loss.detach()
     out.loss.backward()
+    seconds = time.perf_counter() - t0
     peak = _status("VmHWM")
     assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
     print(json.dumps({"mode": mode, "N": N, "V": V, "H": H, "base": base, "peak": peak,
-                      "extra": peak - base, "hwm_reset": reset, "loss": loss.item()}))
+                      "extra": peak - base, "hwm_reset": reset, "loss": loss.item(), "seconds": seconds}))
 
 
 def measure(mode, N, V, H):
@@ -101,4 +104,4 @@ if __name__ == "__main__":
             for N in ((1024, 8192) if mode == "fused" else (8192,)):
                 r = measure(mode, N, 32000, 256)
                 print(f"{mode:9s} N={N:5d}: peak extra {r['extra'] / MIB:7.0f} MiB "
-                      f"(base {r['base'] / MIB:.0f} MiB, hwm reset {r['hwm_reset']})", flush=True)
+                      f"(base {r['base'] / MIB:.0f} MiB, hwm reset {r['hwm_reset']}), fwd+bwd {r['seconds']:.1f} s", flush=True)

@@ -5,7 +5,8 @@ One chunk of C rows holds, beyond the inputs and the gradients:
   teacher logits, fp32, [C, V]          (only with ``teacher_hidden``; none with ``teacher_logprobs``)
   a bf16/fp16 copy of the gradient      (only for low-precision weights on CUDA: the backward GEMMs'
                                          operand; the CPU path multiplies with an fp32 weight copy)
-  torch row-engine temporaries          (torch engine only: ~5 fp32 [C, V] buffers, see torch_impl.py)
+The row engine adds nothing per row: the Triton engine works in place, and the torch engine's ~5 fp32
+temporaries are bounded by its own sub-chunking (torch_impl.CHUNK_ELEMENTS: at most ~5 x 16 MiB).
 
 Rule (README.md in this folder, "Chunk size"):
   budget = clamp(4 * V * H bytes, MIN_BUDGET, MAX_BUDGET[device])    # the size of the fp32 grad_weight
@@ -30,19 +31,14 @@ MIN_BUDGET = 64 << 20                                  # 64 MiB
 MAX_BUDGET = {"cuda": 4 << 30, "cpu": 256 << 20}       # 4 GiB on a GPU, 256 MiB on a CPU
 MIN_ROWS = {"cuda": 128, "cpu": 16}                    # below this the GEMMs stop being efficient
 ALIGN = {"cuda": 64, "cpu": 16}                        # tensor-core friendly tile multiples on CUDA
-TORCH_ENGINE_TEMPS = 5                                 # fp32 [C, V] temporaries of torch_impl._chunk
 
 
-def bytes_per_row(vocab: int, *, teacher_logits: bool, low_precision_grad_copy: bool,
-                  torch_engine: bool) -> int:
-    per_elem = 4 + (4 if teacher_logits else 0) + (2 if low_precision_grad_copy else 0)
-    if torch_engine:
-        per_elem += 4 * TORCH_ENGINE_TEMPS
-    return vocab * per_elem
+def bytes_per_row(vocab: int, *, teacher_logits: bool, low_precision_grad_copy: bool) -> int:
+    return vocab * (4 + (4 if teacher_logits else 0) + (2 if low_precision_grad_copy else 0))
 
 
 def chunk_rows(n_rows: int, vocab: int, hidden_size: int, *, device_type: str, teacher_logits: bool,
-               low_precision_grad_copy: bool = False, torch_engine: bool = False) -> int:
+               low_precision_grad_copy: bool = False) -> int:
     """Rows per chunk for ``n_rows`` tokens (the rule in the module docstring). Always >= 1."""
     kind = "cuda" if device_type == "cuda" else "cpu"
     if n_rows <= 0:
@@ -53,7 +49,7 @@ def chunk_rows(n_rows: int, vocab: int, hidden_size: int, *, device_type: str, t
     budget = os.environ.get("SDAR_LINEAR_CHUNK_BYTES")
     budget = int(budget) if budget else min(max(4 * vocab * hidden_size, MIN_BUDGET), MAX_BUDGET[kind])
     per_row = bytes_per_row(vocab, teacher_logits=teacher_logits,
-                            low_precision_grad_copy=low_precision_grad_copy, torch_engine=torch_engine)
+                            low_precision_grad_copy=low_precision_grad_copy)
     align = ALIGN[kind]
     rows = max(budget // max(per_row, 1), MIN_ROWS[kind])
     rows = max(align, rows // align * align)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..sdar_loss.function import TorchRows
 from ..sdar_loss.torch_impl import PER_TOKEN_FIELDS
 from .chunking import chunk_rows
 from .heads import Head
@@ -74,8 +73,7 @@ def make_plan(inputs, rows) -> Plan:
     n = N if active is None else active.numel()
     chunk = chunk_rows(n, V, H, device_type=inputs.hidden.device.type,
                        teacher_logits=teacher_head is not None,
-                       low_precision_grad_copy=head.low_precision_grad_copy,
-                       torch_engine=rows is TorchRows)
+                       low_precision_grad_copy=head.low_precision_grad_copy)
     return Plan(inputs=inputs, rows=rows, head=head, teacher_head=teacher_head, active=active, chunk=chunk,
                 zero_masked_rows=active is None and not all_kept)
 
