@@ -15,7 +15,7 @@ import torch
 import sdar
 import sdar_kernels as sk
 from sdar_kernels import METRIC_NAMES
-from sdar_kernels.linear_sdar_loss import chunk_rows, schedule
+from sdar_kernels.linear_sdar_loss import chunk_rows, heads, schedule
 from sdar_kernels.reference import linear_sdar_loss_reference, sdar_loss_reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -250,6 +250,32 @@ def test_masked_rows_nonfinite_hidden(small_chunks, monkeypatch, compact, dt):
         torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
         for k in grads:
             torch.testing.assert_close(grads[k], rgrads[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+def test_cuda_gemm_path_emulated(small_chunks, monkeypatch, reduction, dt):
+    """The CUDA GEMM path (low-precision operands, fp32-output GEMMs, G cast to the weight dtype for the
+    gradient GEMMs, masked rows not compacted) run on CPU, with the fp32-output GEMM emulated exactly."""
+    calls = []
+
+    def mm_f32(a, b):
+        calls.append((a.dtype, b.dtype))
+        assert a.dtype == b.dtype == DTYPES[dt]
+        return a.float() @ b.float()
+
+    def addmm_f32_(acc, a, b):
+        assert acc.dtype == torch.float32 and a.dtype == b.dtype == DTYPES[dt]
+        calls.append("addmm")
+        acc.addmm_(a.float(), b.float())
+
+    monkeypatch.setattr(heads, "_mm_f32", mm_f32)
+    monkeypatch.setattr(heads, "_addmm_f32_", addmm_f32_)
+    monkeypatch.setattr(schedule, "Head", lambda *a, **k: heads.Head(*a, **k, native=True))
+    monkeypatch.setattr(schedule, "COMPACT_MASKED_ROWS_ON_CPU", False)
+    case = make_case(53, 40, 263, DTYPES[dt], teacher="separate", advantages="token", mask="nonfinite")
+    check(case, dict(distill="rkl", entropy_coef=0.01, reduction=reduction))
+    assert "addmm" in calls and len(calls) >= 8
 
 
 def test_all_masked_is_zero_not_nan(small_chunks):

@@ -47,15 +47,31 @@ def _cuda_out_dtype_addmm_inplace(dtype: torch.dtype) -> bool:
         return False
 
 
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with low-precision operands, fp32 accumulation and an fp32 result (CUDA)."""
+    return torch.mm(a, b, out_dtype=F32)
+
+
+def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with low-precision operands, in place if the overload allows it."""
+    if _cuda_out_dtype_addmm_inplace(a.dtype):
+        torch.addmm(acc, a, b, out_dtype=F32, out=acc)
+    else:  # one fp32 [V, H] temporary per chunk
+        acc.add_(_mm_f32(a, b))
+
+
 class Head:
     """One lm head (weight [V, H], optional bias [V]) as the chunk loop uses it. Holds detached tensors."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, share_weight_with: "Head" = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, share_weight_with: "Head" = None,
+                 native: bool | None = None):
         self.weight = weight.detach()
         self._shared = share_weight_with    # same weight tensor: share the fp32 copy, if one is made
         self.dtype = weight.dtype
         self.bias = None if bias is None else bias.detach().to(F32)
-        self.native = self.dtype == F32 or (weight.is_cuda and _cuda_out_dtype_mm(self.dtype))
+        if native is None:  # GEMMs in the input dtype with fp32 outputs (else: upcast operands)
+            native = self.dtype == F32 or (weight.is_cuda and _cuda_out_dtype_mm(self.dtype))
+        self.native = native
         self._w32 = None
 
     @property
@@ -75,7 +91,7 @@ class Head:
         if self.dtype == F32:
             z = torch.mm(h, self.weight.T)
         elif self.native:
-            z = torch.mm(h, self.weight.T, out_dtype=F32)
+            z = _mm_f32(h, self.weight.T)
         else:
             z = torch.mm(h.to(F32), self.w32().T)
         if self.bias is not None:
@@ -98,9 +114,6 @@ class Head:
         if self.dtype == F32:
             acc.addmm_(g_op.T, h)
         elif self.native:
-            if _cuda_out_dtype_addmm_inplace(self.dtype):
-                torch.addmm(acc, g_op.T, h, out_dtype=F32, out=acc)
-            else:  # one fp32 [V, H] temporary per chunk
-                acc.add_(torch.mm(g_op.T, h, out_dtype=F32))
+            _addmm_f32_(acc, g_op.T, h)
         else:
             acc.addmm_(g_op.T, h.to(F32))
