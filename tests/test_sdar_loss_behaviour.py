@@ -261,3 +261,30 @@ def test_helpers_oracle_rule_can_fail():
     grad[2, 3] += 1e-4 + 1e-3 * math.fabs(grad[2, 3].item())
     with pytest.raises(AssertionError, match=r"grad: 1/\d+ elements off"):
         check_against_oracle((out, grad), case, options)
+
+
+def _banned_vocab_case(dtype, device):
+    """Unmasked rows whose logits are -inf on a padded vocabulary tail and one banned token (student and
+    teacher alike); labels never point there."""
+    case = make_case(6, 1031, dtype, device=device, advantages="token", ref_logprobs=True)
+    for k in ("logits", "teacher_logits"):
+        case[k][:, -31:] = -math.inf
+        case[k][:, 5] = -math.inf
+    y = case["labels"]
+    case["labels"] = torch.where((y >= 1000) | (y == 5), torch.zeros_like(y), y)
+    return case
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("distill", ["sampled", "fkl", "rkl", "jsd"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_minus_inf_logits_in_kept_rows(backend, distill, dtype, device):
+    """-inf logits carry probability 0 (0 * log 0 = 0): outputs and gradient are finite and equal the oracle
+    on the same inputs with -inf replaced by -1e4 (exp underflows to exactly 0 there as well)."""
+    case = _banned_vocab_case(DTYPES[dtype], _dev(backend, device))
+    opts = {"distill": distill, "distill_coef": 1.0, "entropy_coef": 0.01, "kl_coef": 0.1, "backend": backend}
+    out, grad = run(sdar_loss, case, opts)
+    assert torch.isfinite(grad).all() and (grad[:, -31:] == 0).all() and (grad[:, 5] == 0).all()
+    finite = {k: (v.masked_fill(v == -math.inf, -1e4) if k in ("logits", "teacher_logits") else v)
+              for k, v in case.items()}
+    check_against_oracle((out, grad), finite, opts)

@@ -236,3 +236,21 @@ def test_reference_fp64_and_fp32_agree(opts):
         assert o32.metrics[k].item() == pytest.approx(v.item(), rel=1e-5, abs=1e-6), k
     torch.testing.assert_close(g32, g64, rtol=1e-4, atol=1e-7)
     assert torch.isfinite(g64).all() and (g64[~case["mask"]] == 0).all()
+
+
+@pytest.mark.parametrize("distill", ["sampled", "fkl", "rkl", "jsd"])
+def test_reference_handles_minus_inf_logits(distill):
+    """The oracle itself on -inf logits in kept rows (padded / banned vocabulary, student and teacher alike):
+    finite gradient, equal to the same call with -inf replaced by -1e4 (probability exactly 0 either way)."""
+    case = make_case(4, 67, advantages="token", mask="none")
+    for k in ("logits", "teacher_logits"):
+        case[k][:, -7:] = -math.inf
+    case["labels"] = case["labels"].clamp_max(59)
+    finite = {k: (v.masked_fill(v == -math.inf, -1e4) if k in ("logits", "teacher_logits") else v)
+              for k, v in case.items()}
+    opts = {"distill": distill, "distill_coef": 1.0, "entropy_coef": 0.1}
+    for dt in (torch.float64, torch.float32):
+        (a, ga), (b, gb) = (run(sdar_loss_reference, c, opts, compute_dtype=dt) for c in (case, finite))
+        assert torch.isfinite(a.loss) and torch.equal(a.loss, b.loss)
+        assert torch.isfinite(ga).all(), f"{int(ga.isnan().sum())} NaN gradient entries ({dt})"
+        torch.testing.assert_close(ga, gb, rtol=0, atol=0)
