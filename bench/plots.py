@@ -55,6 +55,13 @@ def plot_rows(rows, folder, slug):
                                         dtype=dtype, config=config, V=x if axis == "V" else case0.V, H=case0.H)
                         roof.append(min_traffic_bytes(c, mode) / (bw * 1e9) * 1e3)
                     ax.plot(xs, roof, "k--", label=f"roofline ({bw:.0f} GB/s copy)")
+                if metric == "peak_mb" and op == "sdar_loss" and mode == "fwd_bwd":
+                    # the gradient buffer itself is the least extra memory a fwd+grad can need
+                    xs = sorted({r[axis] for r in sweep})
+                    r0 = sweep[0]
+                    item = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+                    ax.plot(xs, [(x if axis == "N" else r0["N"]) * (x if axis == "V" else r0["V"]) * item / 2**20
+                                 for x in xs], "k:", label="gradient buffer (minimum)")
                 ax.set_xlabel(f"{axis} ({other} = {fixed})")
                 ax.set_ylabel(label)
                 ax.set_xscale("log", base=2)

@@ -105,9 +105,10 @@ class SDAR(Provider):
                     ref_logprobs=inp["ref_logprobs"], backend=self.backend, **case.options)
         if case.op == "sdar_loss":
             return sk.sdar_loss(inp["logits"], inp["labels"], teacher_logits=inp["teacher_logits"], **side).loss
-        # Teacher = the same model with privileged context: same lm_head, other hidden states.
+        # Teacher = the same model with privileged context: same lm_head (the op's default when no
+        # teacher_weight is given), other hidden states.
         return _linear_op()(inp["hidden"], inp["weight"], inp["labels"], teacher_hidden=inp["teacher_hidden"],
-                            teacher_weight=inp["weight"].detach(), **side).loss
+                            **side).loss
 
 
 class Liger(Provider):
