@@ -329,6 +329,26 @@ def test_fp32_logits_beat_low_precision_eager(small_chunks, dt):
         assert err(g[k], g64[k]) <= 0.5 * err(ge[k], g64[k]), k
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+def test_low_precision_gradients_rounded_once(small_chunks, reduction, dt):
+    """On the CPU path bf16/fp16 inputs are computed in fp32 exactly like fp32 inputs holding the same values,
+    so every gradient must be that fp32 gradient rounded once (<= half an ulp off), also after the fused
+    path's upstream scaling (0.75 here): scaling an already-rounded gradient would round twice."""
+    case = make_case(45, 24, 157, DTYPES[dt], teacher="shared", advantages="token", mask="nonfinite")
+    c32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in case.items()}
+    _, g = run_linear(sk.linear_sdar_loss, case, dict(reduction=reduction), backend="torch")
+    _, g32 = run_linear(sk.linear_sdar_loss, c32, dict(reduction=reduction), backend="torch")
+    mant = {"bf16": 7, "fp16": 10}[dt]
+    for k in g:
+        ref = g32[k].double()
+        ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - mant)
+        if dt == "fp16":
+            ulp = ulp.clamp_min(2.0 ** -24)                   # subnormal spacing
+        err = (g[k].double() - ref).abs()
+        assert (err <= 0.5 * ulp * (1 + 1e-3) + 1e-7 * ref.abs().max()).all(), (k, (err / ulp).max().item())
+
+
 def test_default_chunk_rule_single_and_many_chunks(monkeypatch):
     """The unforced rule (one chunk at this size) and a budget that forces many uneven chunks agree."""
     case = make_case(70, 20, 111, torch.float32, teacher="shared", advantages="token")

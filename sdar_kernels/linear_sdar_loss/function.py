@@ -23,8 +23,8 @@ from .schedule import make_plan, run_chunks
 F32 = torch.float32
 
 
-def _grad_buffers(plan, needs, hidden2d, weight, bias):
-    gh = torch.empty_like(hidden2d) if needs[0] else None
+def _grad_buffers(plan, needs, hidden2d, weight, bias, *, hidden_dtype):
+    gh = torch.empty(hidden2d.shape, dtype=hidden_dtype, device=hidden2d.device) if needs[0] else None
     gw = torch.zeros(weight.shape, dtype=F32, device=weight.device) if needs[1] else None
     gb = torch.zeros(bias.shape, dtype=F32, device=bias.device) if needs[2] else None
     return gh, gw, gb
@@ -36,7 +36,10 @@ class LinearSDARLossFunction(torch.autograd.Function):
         o = plan.inputs.x.options
         needs = tuple(ctx.needs_input_grad[:3])
         fused = any(needs) and o.reduction != "none"
-        gh, gw, gb = _grad_buffers(plan, needs, hidden2d, weight, bias) if fused else (None, None, None)
+        # fused: every gradient stays fp32 until backward has applied the upstream scale, so a bf16 / fp16
+        # gradient is rounded once (scaling an already-rounded bf16 gradient would round twice)
+        gh, gw, gb = (_grad_buffers(plan, needs, hidden2d, weight, bias, hidden_dtype=F32) if fused
+                      else (None, None, None))
         per_token, stats = run_chunks(plan, plan.inputs.x.weights, grad_hidden=gh, grad_weight=gw,
                                       grad_bias=gb, save_stats=any(needs) and not fused)
         loss_tok = per_token["loss"]
@@ -49,10 +52,8 @@ class LinearSDARLossFunction(torch.autograd.Function):
 
         ctx.plan, ctx.fused, ctx.needs, ctx.stats, ctx.used = plan, fused, needs, stats, False
         if fused:
-            # the fp32 accumulators are converted now (the upstream scale is applied in backward)
-            gw = None if gw is None else gw.to(weight.dtype)
-            gb = None if gb is None else gb.to(bias.dtype)
             ctx.grads = (gh, gw, gb)
+            ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
         stacked = torch.stack([per_token[k] for k in PER_TOKEN_FIELDS[1:]])
         ctx.mark_non_differentiable(stacked)
         return loss, stacked
@@ -66,12 +67,14 @@ class LinearSDARLossFunction(torch.autograd.Function):
                                    "place, so retain_graph re-use is not supported with reduction "
                                    "'mean' / 'sum' ('none' recomputes and supports it)")
             ctx.used = True
-            grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads)
+            grads = tuple(None if g is None else g.mul_(grad_loss.to(F32)).to(dt)
+                          for g, dt in zip(ctx.grads, ctx.dtypes))
             ctx.grads = None
             return (*grads, None)
         inp = plan.inputs
         weights = inp.x.mask.to(F32) * grad_loss.reshape(-1).to(F32)
-        gh, gw, gb = _grad_buffers(plan, ctx.needs, inp.hidden, inp.weight, inp.bias)
+        gh, gw, gb = _grad_buffers(plan, ctx.needs, inp.hidden, inp.weight, inp.bias,
+                                   hidden_dtype=inp.hidden.dtype)
         run_chunks(plan, weights, grad_hidden=gh, grad_weight=gw, grad_bias=gb, stats=ctx.stats,
                    backward=True)
         return (gh, None if gw is None else gw.to(inp.weight.dtype),

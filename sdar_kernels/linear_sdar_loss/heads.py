@@ -103,9 +103,14 @@ class Head:
         return g.to(self.dtype) if self.low_precision_grad_copy else g
 
     def grad_input(self, g_op: torch.Tensor, out: torch.Tensor) -> None:
-        """out [C, H] (the hidden dtype) = g @ W."""
-        if self.native:
+        """out [C, H] = g @ W; ``out`` is in the hidden dtype or fp32 (the fused path's accumulator)."""
+        if self.dtype == F32:
             torch.mm(g_op, self.weight, out=out)
+        elif self.native:
+            if out.dtype == self.dtype:
+                torch.mm(g_op, self.weight, out=out)
+            else:
+                out.copy_(_mm_f32(g_op, self.weight))
         else:
             out.copy_(torch.mm(g_op, self.w32()))
 
