@@ -66,7 +66,7 @@ def _grid(op, models, Ns, **kw):
 QUICK = [
     Case("sdar_loss", "tiny", 128, V=16384, dtype="float32"),
     Case("sdar_loss", "tiny", 128, dtype="float32"),
-    Case("sdar_loss", "tiny", 256, dtype="float32"),
+    Case("sdar_loss", "tiny", 256, V=16384, dtype="float32"),
     Case("linear_sdar_loss", "tiny", 128, V=16384, dtype="float32"),
 ]
 

@@ -1,5 +1,9 @@
 """Time and peak memory against V and against N, one PNG per (op, mode, dtype, config), with the
-roofline: the time the minimal traffic takes at the copy bandwidth measured in the same run."""
+roofline: the time the minimal traffic takes at the copy bandwidth measured in the same run.
+
+``python -m bench`` draws them after a run; ``python -m bench.plots CSV [--set cpu]`` redraws them from
+the latest run of a set recorded in a results CSV.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ def _sweeps(rows, axis):
     return sorted(ok.items(), key=lambda kv: -len({r[axis] for r in kv[1]}))
 
 
-def plot_rows(rows, folder, slug):
+def plot_rows(rows, folder, slug, tag=""):
+    """One PNG per (op, mode, dtype, config) with a V or N sweep; ``tag`` (the case set) goes in the name."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -71,9 +76,46 @@ def plot_rows(rows, folder, slug):
         dev = rs[0]["device"]
         fig.suptitle(f"{op} {mode} {dtype} config={config}\n{dev}", fontsize=10)
         fig.tight_layout()
-        path = os.path.join(folder, f"{slug}_{op}_{mode}_{dtype}_{config}.png")
+        path = os.path.join(folder, f"{slug}_{tag + '_' if tag else ''}{op}_{mode}_{dtype}_{config}.png")
         os.makedirs(folder, exist_ok=True)
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+NUMERIC = ("N", "V", "ms", "ms_p20", "ms_p80", "peak_mb", "copy_bw_gbps")
+
+
+def rows_from_csv(path, set_name=None):
+    """Rows of the latest run (same date stamp) of ``set_name`` (any set if None) in a results CSV."""
+    import csv
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if set_name is None or r["set"] == set_name]
+    if not rows:
+        return []
+    last = max(r["date"] for r in rows)
+    rows = [r for r in rows if r["date"] == last]
+    for r in rows:
+        for k in NUMERIC:
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+        r["N"], r["V"] = int(r["N"]), int(r["V"])
+    return rows
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("csv")
+    ap.add_argument("--set", help="case set to plot (default: the latest run of any set)")
+    a = ap.parse_args(argv)
+    rows = rows_from_csv(a.csv, a.set)
+    if not rows:
+        raise SystemExit(f"no rows for set {a.set!r} in {a.csv}")
+    slug = os.path.splitext(os.path.basename(a.csv))[0]
+    for p in plot_rows(rows, os.path.dirname(os.path.abspath(a.csv)), slug, rows[0]["set"]):
+        print(f"plot: {os.path.relpath(p)}")
+
+
+if __name__ == "__main__":
+    main()

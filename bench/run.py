@@ -276,7 +276,7 @@ def main(argv=None):
     if not a.no_plots:
         try:
             from .plots import plot_rows
-            for p in plot_rows(rows, a.results, slug):
+            for p in plot_rows(rows, a.results, slug, set_name if not a.case else "custom"):
                 print(f"plot: {os.path.relpath(p)}")
         except ImportError as e:
             print(f"plots skipped: {e} (pip install matplotlib)")
