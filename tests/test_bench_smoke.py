@@ -12,13 +12,15 @@ import sys
 
 import pytest
 
-from bench import harness
-from bench._case import run_case
-from bench.cases import SETS, Case, all_cases, parse_case
-from bench.check import run_check
-from bench.providers import PROVIDERS
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # bench/ is not an installed package; `pytest` (not `python -m pytest`) lacks the cwd
+    sys.path.insert(0, ROOT)
+
+from bench import harness  # noqa: E402
+from bench._case import run_case  # noqa: E402
+from bench.cases import SETS, Case, all_cases, parse_case  # noqa: E402
+from bench.check import run_check  # noqa: E402
+from bench.providers import PROVIDERS  # noqa: E402
 
 
 # numpy warnings of the Triton interpreter on masked lanes (-inf * 0 in lanes that are never stored)
