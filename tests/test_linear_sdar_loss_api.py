@@ -78,3 +78,20 @@ def test_module_wrapper(small_chunks):
     opsd = sdar.LinearSDARLoss(sdar.SDARConfig.for_method("opsd"), backend="torch")
     o = opsd(case["hidden"], case["weight"], bias=case["bias"], **side)
     assert o.metrics["pg_loss"] == 0
+
+
+def test_matmul_work_teacher_logprobs_and_masked_rows(small_chunks, monkeypatch):
+    """teacher_logprobs: no teacher GEMM at all; on CPU masked rows never reach a GEMM."""
+    from sdar_kernels.linear_sdar_loss import heads
+
+    rows = []
+    real = heads.Head.logits
+    monkeypatch.setattr(heads.Head, "logits", lambda self, h: rows.append(h.shape[0]) or real(self, h))
+    case = make_case(70, 24, 131, torch.float32, teacher="logprobs", advantages="token")
+    kept = int(case["mask"].sum())
+    sk.linear_sdar_loss(**case, backend="torch").loss.backward()
+    assert sum(rows) == kept and max(rows) <= 16          # student only, masked rows dropped, chunks of 16
+    rows.clear()
+    case = make_case(70, 24, 131, torch.float32, teacher="shared", advantages="token")
+    sk.linear_sdar_loss(**case, backend="torch").loss.backward()
+    assert sum(rows) == 2 * int(case["mask"].sum())      # student + teacher
