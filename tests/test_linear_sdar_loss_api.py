@@ -88,10 +88,12 @@ def test_matmul_work_teacher_logprobs_and_masked_rows(small_chunks, monkeypatch)
     real = heads.Head.logits
     monkeypatch.setattr(heads.Head, "logits", lambda self, h: rows.append(h.shape[0]) or real(self, h))
     case = make_case(70, 24, 131, torch.float32, teacher="logprobs", advantages="token")
+    case["hidden"].requires_grad_(True)
     kept = int(case["mask"].sum())
     sk.linear_sdar_loss(**case, backend="torch").loss.backward()
     assert sum(rows) == kept and max(rows) <= 16          # student only, masked rows dropped, chunks of 16
     rows.clear()
     case = make_case(70, 24, 131, torch.float32, teacher="shared", advantages="token")
+    case["hidden"].requires_grad_(True)
     sk.linear_sdar_loss(**case, backend="torch").loss.backward()
     assert sum(rows) == 2 * int(case["mask"].sum())      # student + teacher
