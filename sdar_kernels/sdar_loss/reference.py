@@ -145,14 +145,17 @@ def _divergence(logp_all, logq_all, kind, jsd_beta):
     p, q = logp_all.exp(), logq_all.exp()
 
     def kl(log_a, a, log_b):  # KL(a || b), with 0 * log 0 = 0
-        return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+        # The logs are zeroed where a == 0 *before* the product: a where() around a * (log_a - log_b)
+        # would still backpropagate 0 * (-inf) = NaN through its unselected branch (-inf logits).
+        zero = torch.zeros_like(a)
+        return (a * (torch.where(a > 0, log_a, zero) - torch.where(a > 0, log_b, zero))).sum(-1)
 
     if kind == "fkl" or (kind == "jsd" and jsd_beta == 0.0):
         return kl(logq_all, q, logp_all)
     if kind == "rkl" or (kind == "jsd" and jsd_beta == 1.0):
         return kl(logp_all, p, logq_all)
     b = jsd_beta
-    log_mix = torch.logsumexp(
-        torch.stack([logq_all + torch.log(torch.tensor(b, dtype=p.dtype)),
-                     logp_all + torch.log(torch.tensor(1.0 - b, dtype=p.dtype))]), dim=0)
+    mix = b * q + (1.0 - b) * p
+    # M = 0 only where p = q = 0, whose terms kl() drops; log(1) there keeps the backward finite
+    log_mix = torch.log(torch.where(mix > 0, mix, torch.ones_like(mix)))
     return b * kl(logq_all, q, log_mix) + (1.0 - b) * kl(logp_all, p, log_mix)
