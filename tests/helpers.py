@@ -35,7 +35,8 @@ def make_case(shape, V, dtype=torch.float32, *, teacher="logits", mask="random",
     g = torch.Generator().manual_seed(seed)
     tok = (shape,) if isinstance(shape, int) else tuple(shape)
     student = torch.randn(*tok, V, generator=g) * scale
-    labels = torch.multinomial(torch.softmax(student.reshape(-1, V), -1), 1, generator=g).reshape(tok)
+    gumbel = -torch.log(-torch.log(torch.rand(*tok, V, generator=g).clamp_min(1e-20)))
+    labels = (student + gumbel).argmax(-1)  # a sample of softmax(student) (Gumbel-max)
     logp = torch.log_softmax(student.to(dtype).float(), -1).gather(-1, labels[..., None]).squeeze(-1)
     case = {"logits": student, "labels": labels}
 
