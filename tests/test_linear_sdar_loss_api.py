@@ -97,3 +97,14 @@ def test_matmul_work_teacher_logprobs_and_masked_rows(small_chunks, monkeypatch)
     case["hidden"].requires_grad_(True)
     sk.linear_sdar_loss(**case, backend="torch").loss.backward()
     assert sum(rows) == 2 * int(case["mask"].sum())      # student + teacher
+
+
+def test_none_backward_detects_inplace_change(small_chunks):
+    """reduction "none" recomputes the logits in backward: changing hidden in between must raise."""
+    case = make_case(20, 16, 67, torch.float32, teacher="shared")
+    h = case.pop("hidden").requires_grad_(True)
+    h2 = h * 1.0
+    out = sk.linear_sdar_loss(h2, **case, reduction="none", backend="torch")
+    h2.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.sum().backward()

@@ -50,10 +50,14 @@ class LinearSDARLossFunction(torch.autograd.Function):
         else:
             loss = (plan.inputs.x.weights * loss_tok).sum()
 
-        ctx.plan, ctx.fused, ctx.needs, ctx.stats, ctx.used = plan, fused, needs, stats, False
-        if fused:
+        ctx.fused, ctx.needs, ctx.stats, ctx.used = fused, needs, stats, False
+        ctx.plan = None
+        if fused:       # everything backward needs is in the gradients: release the plan (and its tensors)
             ctx.grads = (gh, gw, gb)
             ctx.dtypes = (hidden2d.dtype, weight.dtype, None if bias is None else bias.dtype)
+        elif any(needs):  # "none": backward recomputes from the inputs; saving them lets autograd
+            ctx.plan = plan     # detect in-place changes between forward and backward
+            ctx.save_for_backward(hidden2d, weight)
         stacked = torch.stack([per_token[k] for k in PER_TOKEN_FIELDS[1:]])
         ctx.mark_non_differentiable(stacked)
         return loss, stacked
@@ -71,6 +75,7 @@ class LinearSDARLossFunction(torch.autograd.Function):
                           for g, dt in zip(ctx.grads, ctx.dtypes))
             ctx.grads = None
             return (*grads, None)
+        ctx.saved_tensors  # noqa: B018  (raises if hidden / weight were modified in place since forward)
         inp = plan.inputs
         weights = inp.x.mask.to(F32) * grad_loss.reshape(-1).to(F32)
         gh, gw, gb = _grad_buffers(plan, ctx.needs, inp.hidden, inp.weight, inp.bias,

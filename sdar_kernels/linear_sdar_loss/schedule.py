@@ -47,11 +47,11 @@ class Plan:
         return self.inputs.hidden.shape[0] if self.active is None else self.active.numel()
 
     def chunks(self):
-        """(position slice, row selector) per chunk; the selector is a slice or an index tensor."""
+        """The rows of each chunk, in order: a slice, or an index tensor when masked rows are dropped."""
         n = self.n_rows
         for r0 in range(0, n, self.chunk):
             sl = slice(r0, min(n, r0 + self.chunk))
-            yield sl, (sl if self.active is None else self.active[sl])
+            yield sl if self.active is None else self.active[sl]
 
 
 def make_plan(inputs, rows) -> Plan:
@@ -122,7 +122,7 @@ def _run_chunks(plan: Plan, weights: torch.Tensor, *, grad_hidden=None, grad_wei
         grad_hidden.zero_()                      # dropped (masked) rows are never visited
     saved = [] if save_stats else None
 
-    for i, (pos, sel) in enumerate(plan.chunks()):
+    for i, sel in enumerate(plan.chunks()):
         h = _take(h_all, sel)
         if plan.zero_masked_rows:
             h = torch.where(_take(inp.x.mask, sel)[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
