@@ -114,7 +114,7 @@ def test_inplace_backward_same_gradient_in_logits_storage(backend, reduction, dt
     logits = case["logits"].clone().requires_grad_(True)
     ptr = logits.data_ptr()
     out = sdar_loss(logits, **{k: v for k, v in case.items() if k != "logits"}, **opts, inplace_backward=True)
-    out.loss.backward(torch.randn(out.loss.shape, generator=torch.Generator().manual_seed(1))
+    out.loss.backward(torch.randn(out.loss.shape, generator=torch.Generator().manual_seed(1)).to(logits.device)
                       if reduction == "none" else None)
     assert torch.equal(logits.grad, expected)
     assert logits.data_ptr() == ptr and torch.equal(logits.detach(), expected), \
