@@ -12,7 +12,7 @@ from pathlib import Path
 from .trainer import METHODS, TrainConfig
 
 # --quick: about a minute on 2 CPU cores (including building the small warm-up once)
-QUICK = dict(steps=4, tasks_per_step=2, eval_instances=16, eval_every=2, warmup_steps=120, micro_batch=64)
+QUICK = dict(steps=3, tasks_per_step=2, eval_instances=8, eval_every=3, warmup_steps=100, micro_batch=64)
 
 
 def add_train_args(p: argparse.ArgumentParser, *, compare=False):
@@ -21,6 +21,7 @@ def add_train_args(p: argparse.ArgumentParser, *, compare=False):
         p.add_argument("--method", default=d.method, choices=METHODS)
         p.add_argument("--seed", type=int, default=d.seed)
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if present")
+        p.add_argument("--config", default=None, help="JSON of TrainConfig fields (flags override it)")
     p.add_argument("--out", default=None, help="directory for metrics, checkpoints, table and plot")
     p.add_argument("--quick", action="store_true", help="a tiny run (~1 minute on 2 CPU cores)")
     p.add_argument("--model", default=None, help="local Hugging Face causal-LM checkpoint directory "
@@ -51,6 +52,10 @@ def add_train_args(p: argparse.ArgumentParser, *, compare=False):
 
 
 def config_from_args(a, **fixed) -> TrainConfig:
+    base = TrainConfig()
+    if getattr(a, "config", None):
+        from .trainer import config_from_dict
+        base = config_from_dict(json.loads(Path(a.config).read_text()))
     over = dict(QUICK) if a.quick else {}
     for name in ("steps", "tasks_per_step", "group_size", "lr", "mini_batches", "micro_batch", "layout",
                  "history", "skill_noise", "eval_instances", "eval_every", "save_every", "warmup_steps",
@@ -62,7 +67,7 @@ def config_from_args(a, **fixed) -> TrainConfig:
     if a.fused_linear:
         over["fused_linear"] = True
     over.update(fixed)
-    return replace(TrainConfig(), **over)
+    return replace(base, **over)
 
 
 def set_threads(n):
@@ -103,7 +108,10 @@ def cmd_compare(a):
     out = Path(a.out or "runs/compare")
     if cfg.cache_dir is None and a.out is not None and a.quick:
         cfg = replace(cfg, cache_dir=str(out / "cache"))
-    compare(cfg, methods, a.seeds, out, jobs=a.jobs, threads_per_job=a.threads_per_job, progress=not a.no_progress)
+    jobs = a.jobs if a.jobs is not None else (1 if a.quick else max(1, min(2, os.cpu_count() or 1)))
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    compare(cfg, methods, a.seeds, out, jobs=jobs, threads_per_job=a.threads_per_job, progress=not a.no_progress)
     return 0
 
 
@@ -116,8 +124,9 @@ def main(argv=None):
     add_train_args(c, compare=True)
     c.add_argument("--methods", default="grpo,grpo_opsd,sdar")
     c.add_argument("--seeds", type=int, default=3)
-    c.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
-                   help="runs in parallel (subprocesses)")
+    c.add_argument("--jobs", type=int, default=None,
+                   help="runs in parallel as subprocesses (default: min(2, cores); 1 with --quick: "
+                        "every run in this process)")
     c.add_argument("--threads-per-job", type=int, default=1)
     a = p.parse_args(argv)
     try:

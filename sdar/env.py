@@ -1,10 +1,10 @@
 """The embedded multi-turn task: "towers", a text game with imperfectly retrieved skills.
 
-An instance is a tower of ``n_floors`` floors of one of eight *families* (ash, oak, ...). On every floor
+An instance is a tower of ``n_floors`` floors of one of four *families* (ash, oak, elm, fir). On every floor
 exactly one of four doors (north, south, east, west) opens: the family's door, a fixed rule drawn once
-from ``world_seed`` (each door belongs to two families). Each floor also shows a lamp colour, which is a
+from ``world_seed`` (a permutation: one door per family). Each floor also shows a lamp colour, which is a
 distractor: it varies between instances and never matters. Each turn the agent sees an observation
-("floor 2 lamp gold") and answers with one word:
+("floor 2 lamp gold tower ash") and answers with one word:
 
 - a correct door: "open", the agent climbs one floor; the top floor ends the episode with success;
 - a wrong door: "locked", the agent stays (the turn is used up);
@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-FAMILIES = ("ash", "oak", "elm", "fir", "yew", "box", "bay", "ivy")
+FAMILIES = ("ash", "oak", "elm", "fir")
 COLORS = ("red", "blue", "green", "gold")
 ACTIONS = ("north", "south", "east", "west")
 SPLITS = ("train", "eval")
@@ -139,7 +139,7 @@ class TowerEnv:
         self._rules = self.cfg.rules()
 
     def observation(self) -> str:
-        return f"floor {self.floor + 1} lamp {self.inst.colors[self.floor]}"
+        return f"floor {self.floor + 1} lamp {self.inst.colors[self.floor]} tower {self.inst.family}"
 
     def correct_action(self) -> str:
         return self._rules[self.inst.family]
@@ -179,7 +179,7 @@ def turn_text(turn: Turn) -> str:
 
 def vocabulary() -> list:
     """Every word the task's texts can contain (the embedded tokenizer's vocabulary)."""
-    words = "task . ; : ? floor lamp now open locked invalid skill privileged end".split()
+    words = "task . ; : ? floor lamp tower now open locked invalid skill privileged end".split()
     words += list(FAMILIES) + list(COLORS) + list(ACTIONS) + [str(i) for i in range(1, 10)]
     words += [f"door-{d}" for d in ACTIONS]
     return list(dict.fromkeys(words))

@@ -188,8 +188,8 @@ def default_cache_dir() -> Path:
 
 
 def tiny_key(cfg: TinyConfig, env_cfg: TowerConfig, history: int) -> str:
-    blob = json.dumps({"v": WARMUP_VERSION, "tiny": asdict(cfg), "env": asdict(env_cfg), "history": history},
-                      sort_keys=True)
+    blob = json.dumps({"v": WARMUP_VERSION, "tiny": asdict(cfg), "env": asdict(env_cfg), "history": history,
+                       "vocab": vocabulary(), "template": SKILL_TEMPLATE}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 

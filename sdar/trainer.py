@@ -43,7 +43,7 @@ FULL_VOCAB = ("fkl", "rkl", "jsd")
 class TrainConfig:
     method: str = "sdar"
     steps: int = 40
-    tasks_per_step: int = 4
+    tasks_per_step: int = 8
     group_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -149,7 +149,7 @@ class Trainer:
         self.eval_set = [make_instance(self.env_cfg, "eval", i) for i in range(cfg.eval_instances)]
         self.live_teacher = self.loss_cfg.distill in FULL_VOCAB
         if cfg.fused_linear and not hasattr(sdar_kernels, "linear_sdar_loss"):
-            raise ValueError("fused_linear: this sdar_kernels has no linear_sdar_loss yet")
+            raise ValueError("fused_linear: this sdar_kernels has no linear_sdar_loss")
 
     # ------------------------------------------------------------------------------------ state
     def checkpoint_dir(self) -> Path:
@@ -281,10 +281,10 @@ class Trainer:
             kw = dict(lc.loss_kwargs(), num_tokens=num_tokens, **tensors)
             if cfg.fused_linear:
                 head = self.model.get_output_embeddings()
-                w = head.weight.to(h.dtype)
-                if th is not None:
-                    kw.update(teacher_hidden=th, teacher_weight=w.detach())
-                return sdar_kernels.linear_sdar_loss(h, w, b.labels, bias=getattr(head, "bias", None), **kw)
+                if th is not None:  # the teacher shares the lm_head weight; no gradient flows to it
+                    kw["teacher_hidden"] = th
+                return sdar_kernels.linear_sdar_loss(h, head.weight.to(h.dtype), b.labels,
+                                                     bias=getattr(head, "bias", None), **kw)
             logits = project(self.model, h)
             if th is not None:
                 kw["teacher_logits"] = project(self.model, th).detach()
@@ -310,7 +310,7 @@ class Trainer:
             t0 = offsets[m]
             for j in range(0, len(chunk), cfg.micro_batch):
                 sub = chunk[j:j + cfg.micro_batch]
-                b = next(iter(self.batches(sub, with_teacher=self.live_teacher or True)))
+                b = next(iter(self.batches(sub, with_teacher=self.live_teacher)))
                 lo = t0
                 hi = lo + b.num_tokens
                 t0 = hi
