@@ -10,6 +10,8 @@ bundled in the triton wheel (``--dump-resource-usage``, ``--dump-sass``). Regres
 LOCAL > 0 / LDL-STL (register spills), and the logits loads falling from LDG.E.128 (16-byte vectors,
 8 bf16 per thread-load) to LDG.E.U16 (one element per load).
 
+Instruction counts are static (SASS lines), not per iteration: read the loops with ``--sass``.
+
 Kernel authors extend ``REGISTRY``: one ``Variant`` per interesting specialization, with the argument
 values of a representative launch. Like Triton's JIT, pointers are taken as 16-byte aligned (torch
 allocations are), integers become i32 or i64 by range and carry ``tt.divisibility = 16`` when divisible

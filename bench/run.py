@@ -175,7 +175,9 @@ def format_table(rows, markdown=False):
 # ---------------------------------------------------------------- main
 def select_cases(a, device):
     set_name = a.set or ("quick" if a.quick else ("gpu" if device == "cuda" else "cpu"))
-    cases = [parse_case(c) for c in a.case] if a.case else list(SETS[set_name])
+    if a.case:
+        return "custom", [parse_case(c) for c in a.case]
+    cases = list(SETS[set_name])
     if a.op:
         cases = [c for c in cases if c.op in a.op]
     return set_name, cases
@@ -272,11 +274,12 @@ def main(argv=None):
     if a.markdown:
         with open(a.markdown, "w") as f:
             f.write(f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, git {env['git_sha']}, "
-                    f"{env['date']}, set {set_name}.\n\n" + format_table(rows, markdown=True) + "\n")
+                    f"{env['date']}, set {set_name}" + (f", load average {load:.1f} at the start" if load is not None
+                                                        else "") + ".\n\n" + format_table(rows, markdown=True) + "\n")
     if not a.no_plots:
         try:
             from .plots import plot_rows
-            for p in plot_rows(rows, a.results, slug, set_name if not a.case else "custom"):
+            for p in plot_rows(rows, a.results, slug, set_name):
                 print(f"plot: {os.path.relpath(p)}")
         except ImportError as e:
             print(f"plots skipped: {e} (pip install matplotlib)")
