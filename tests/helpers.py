@@ -156,8 +156,10 @@ def assert_close_to_oracle(actual, oracle64, eager, name, *, atol=1e-6, rtol=1e-
 
 
 def atol_for(dtype):
-    """Small absolute slack on top of the 2x rule; the gradient's own rounding is in the eager error."""
-    return {torch.float32: 1e-6, torch.bfloat16: 1e-5, torch.float16: 1e-5}[dtype]
+    """Small absolute slack on top of the 2x rule. The math is fp32 on exactly upcast inputs whatever their
+    dtype, so it is the same for every input dtype; the gradient's rounding to bf16/fp16 gets one unit in
+    the last place on top (check_against_oracle)."""
+    return {torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6}[dtype]
 
 
 def check_against_oracle(actual, case, options):

@@ -163,6 +163,18 @@ def test_triton_masks(shape, V, dtype, kw, device):
     _check_mask("triton", shape, V, dtype, kw, device=device)
 
 
+# Confident rows (large logits, sampled token ~ argmax, log p ~ -1e-4) as in RL on a trained LLM: the
+# log-prob must not lose the absolute precision that log_softmax keeps by subtracting the row max first.
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("scale", [12.0, 40.0], ids=["scale12", "scale40"])
+def test_peaked_rows(backend, dtype, scale, device):
+    case = make_case(8, 2049, DTYPES[dtype], device=device if backend == "triton" else "cpu", scale=scale,
+                     advantages="token", old_logprobs=True, mask="none")
+    options = {"distill": "rkl", "distill_coef": 1.0, "entropy_coef": 0.1, "backend": backend}
+    check_against_oracle(run(sdar_loss, case, options), case, options)
+
+
 def test_torch_multiple_chunks():
     """N * V above CHUNK_ELEMENTS (2^22): the torch backend processes the rows in several chunks."""
     from sdar_kernels.sdar_loss.torch_impl import CHUNK_ELEMENTS
