@@ -5,7 +5,8 @@
 #
 #   here, once:  python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                    --implementation cp -d .whl liger-kernel==0.8.5        # pure-Python wheel
-#   device tool: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#   device tool: run(command="BENCH_GIT_SHA=<git rev-parse --short HEAD, here> bash bench/gpu_check.sh",
+#                    carry=[".whl"], timeout_s=540)    # the copy there may have no .git
 #
 # $OUT gets at most 8 files (the device tool's limit): gpu_check.log, progress.jsonl, table.md, <card>.csv
 # and 4 plots. Each step has its own time limit, so one slow step cannot eat the others. Rows are written to

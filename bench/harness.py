@@ -73,6 +73,10 @@ def _version(mod):
 
 @functools.lru_cache(maxsize=1)
 def git_sha() -> str:
+    """Short sha of HEAD (+dirty when sdar_kernels/ or bench/ have local changes); BENCH_GIT_SHA overrides
+    it where the checkout has no .git (the GPU machine gets a copy of the working tree)."""
+    if os.environ.get("BENCH_GIT_SHA"):
+        return os.environ["BENCH_GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, timeout=10).stdout.strip()
