@@ -288,3 +288,30 @@ def test_minus_inf_logits_in_kept_rows(backend, distill, dtype, device):
     finite = {k: (v.masked_fill(v == -math.inf, -1e4) if k in ("logits", "teacher_logits") else v)
               for k, v in case.items()}
     check_against_oracle((out, grad), finite, opts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("student,teacher", [("bf16", "fp32"), ("fp32", "bf16"), ("fp16", "bf16")])
+def test_teacher_dtype_differs_from_student(backend, student, teacher, device):
+    case = make_case(7, 2049, DTYPES[student], device=_dev(backend, device), advantages="token", mask="empty_rows")
+    case["teacher_logits"] = case["teacher_logits"].to(DTYPES[teacher])
+    options = {"distill": "jsd", "distill_coef": 1.0, "backend": backend}
+    check_against_oracle(run(sdar_loss, case, options), case, options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_at_vocabulary_and_block_edges(backend, device):
+    """Sampled tokens 0, V - 1 (in the ragged last block) and either side of the 1024 block boundary."""
+    case = make_case(6, 2049, device=_dev(backend, device), advantages="token", mask="none")
+    case["labels"] = torch.tensor([0, 2048, 1023, 1024, 2047, 1], device=case["labels"].device)
+    options = {"distill": "sampled", "distill_coef": 1.0, "entropy_coef": 0.1, "backend": backend}
+    check_against_oracle(run(sdar_loss, case, options), case, options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.uint8, torch.int64], ids=str)
+def test_mask_dtypes_equal_bool_mask(backend, mask_dtype, device):
+    case = make_case(9, 509, device=_dev(backend, device), advantages="token", mask="empty_rows")
+    other = dict(case, mask=case["mask"].to(mask_dtype))
+    (a, ga), (b, gb) = run(sdar_loss, other, {"backend": backend}), run(sdar_loss, case, {"backend": backend})
+    assert torch.equal(a.loss, b.loss) and torch.equal(ga, gb)
