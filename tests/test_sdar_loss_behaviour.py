@@ -315,3 +315,24 @@ def test_mask_dtypes_equal_bool_mask(backend, mask_dtype, device):
     other = dict(case, mask=case["mask"].to(mask_dtype))
     (a, ga), (b, gb) = run(sdar_loss, other, {"backend": backend}), run(sdar_loss, case, {"backend": backend})
     assert torch.equal(a.loss, b.loss) and torch.equal(ga, gb)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_labels_equal_int64(backend, device):
+    case = make_case(9, 509, device=_dev(backend, device), advantages="token", mask="empty_rows")
+    other = dict(case, labels=case["labels"].to(torch.int32))
+    (a, ga), (b, gb) = run(sdar_loss, other, {"backend": backend}), run(sdar_loss, case, {"backend": backend})
+    assert torch.equal(a.loss, b.loss) and torch.equal(ga, gb)
+
+
+@pytest.mark.parametrize("fn", ["reference", "torch", "triton"])
+def test_nan_loss_weights_on_masked_rows_contribute_nothing(fn, device):
+    """A masked row contributes nothing (LOSS.md section 5): a NaN explicit weight there must not turn the
+    loss into NaN (w_t = 0 on masked tokens, section 3)."""
+    dev = device if fn == "triton" else "cpu"
+    case = make_case(9, 509, device=dev, advantages="token", mask="empty_rows", nan_masked=True, loss_weights=True)
+    case["loss_weights"][~case["mask"]] = math.nan
+    impl, extra = (sdar_loss_reference, {}) if fn == "reference" else (sdar_loss, {"backend": fn})
+    out, grad = run(impl, case, extra)
+    assert torch.isfinite(out.loss), "NaN weight on a masked row leaked into the loss"
+    assert torch.isfinite(grad).all() and (grad[~case["mask"]] == 0).all()
