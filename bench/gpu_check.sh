@@ -14,6 +14,12 @@
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
+SET=${GPU_CHECK_SET:-gpu-headline}   # GPU_CHECK_SET=quick GPU_CHECK_ALLOW_CPU=1: dry run of the flow on a CPU
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
+   && [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]; then
+  echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to do. On CPU run: python -m bench"
+  exit 0
+fi
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 T0=$(date +%s)
 log() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/gpu_check.log"; }
@@ -42,11 +48,11 @@ log "environment written"
 step 150 "pytest -m gpu" python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/
 
 # 2. Headline benchmark: correctness check, copy bandwidth, every provider but compile.
-step 210 "bench headline" python3 -m bench --set gpu-headline --results "$OUT" --jsonl "$OUT/progress.jsonl" \
+step 210 "bench $SET" python3 -m bench --set "$SET" --results "$OUT" --jsonl "$OUT/progress.jsonl" \
   --markdown "$OUT/table.md" --provider eager --provider sdar-triton --provider sdar-torch --provider liger
 
 # 3. torch.compile of eager at the two Qwen3 8k cases (compiles take ~20-40 s each).
-step 90 "bench compile" python3 -m bench --no-check --no-plots --results "$OUT" --jsonl "$OUT/progress.jsonl" \
+[ "$SET" = gpu-headline ] && step 90 "bench compile" python3 -m bench --no-check --no-plots --results "$OUT" --jsonl "$OUT/progress.jsonl" \
   --provider eager --provider compile \
   --case 'sdar_loss:qwen3:N8k-V151936:bf16:official' --case 'linear_sdar_loss:qwen3:N8k-V151936-H4096:bf16:official'
 
