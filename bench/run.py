@@ -207,6 +207,10 @@ def main(argv=None):
 
     t_start = time.time()
     device = harness.device_kind()
+    if device == "cpu" and not a.in_process:
+        from multiprocessing import forkserver
+        _forkserver()
+        forkserver.ensure_running()  # the zygote imports torch while this process prints and checks git
     set_name, cases = select_cases(a, device)
     providers = a.provider or list(PROVIDERS)
     modes = a.modes.split(",")
