@@ -123,10 +123,10 @@ def run(fn, case, options, *, upstream=None, grad=True, **extra):
     return out, logits.grad
 
 
-def oracles(case, options):
+def oracles(case, options, upstream=None):
     """(fp64 oracle, eager reference at the input dtype): each an (out, grad) pair."""
-    o64 = run(sdar_loss_reference, to_fp32(case), options, compute_dtype=torch.float64)
-    eager = run(sdar_loss_reference, case, options, compute_dtype=torch.float32)
+    o64 = run(sdar_loss_reference, to_fp32(case), options, upstream=upstream, compute_dtype=torch.float64)
+    eager = run(sdar_loss_reference, case, options, upstream=upstream, compute_dtype=torch.float32)
     return o64, eager
 
 
@@ -162,10 +162,11 @@ def atol_for(dtype):
     return {torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6}[dtype]
 
 
-def check_against_oracle(actual, case, options):
-    """Compare (out, grad) of a backend with the oracles on every output, metric and the gradient."""
+def check_against_oracle(actual, case, options, upstream=None):
+    """Compare (out, grad) of a backend with the oracles on every output, metric and the gradient
+    (``upstream``: the gradient the backend's loss was backpropagated with, if not run()'s default)."""
     (out, grad) = actual
-    (o64, g64), (oe, ge) = oracles(case, options)
+    (o64, g64), (oe, ge) = oracles(case, options, upstream)
     atol = atol_for(case["logits"].dtype)
     for field in ("loss", "logprobs", "entropy", "gate", "gap"):
         assert_close_to_oracle(getattr(out, field), getattr(o64, field), getattr(oe, field), field, atol=atol)

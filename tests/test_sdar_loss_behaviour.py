@@ -336,3 +336,15 @@ def test_nan_loss_weights_on_masked_rows_contribute_nothing(fn, device):
     out, grad = run(impl, case, extra)
     assert torch.isfinite(out.loss), "NaN weight on a masked row leaked into the loss"
     assert torch.isfinite(grad).all() and (grad[~case["mask"]] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_scalar_loss_scaled_upstream(backend, dtype, reduction, device):
+    """A scalar loss backpropagated with a non-trivial upstream gradient (e.g. 1 / accumulation steps)."""
+    case = make_case(9, 1031, DTYPES[dtype], device=_dev(backend, device), advantages="token",
+                     old_logprobs=True, mask="empty_rows")
+    options = {**ALL_TERMS, "kl_coef": 0.0, "reduction": reduction, "backend": backend}
+    upstream = torch.tensor(0.37, device=case["logits"].device)
+    check_against_oracle(run(sdar_loss, case, options, upstream=upstream), case, options, upstream=upstream)
