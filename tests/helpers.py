@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sdar_kernels import METRIC_NAMES, sdar_loss
+from sdar_kernels import METRIC_NAMES
 from sdar_kernels.reference import sdar_loss_reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

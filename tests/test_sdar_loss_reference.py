@@ -177,8 +177,8 @@ PY_OPTIONS = [
 @pytest.mark.parametrize("fn_name", FNS)
 @pytest.mark.parametrize("opts", PY_OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
 def test_matches_pure_python_model(fn_name, opts):
-    o = {"distill": "sampled", "gate_beta": 5.0, "distill_coef": 0.7, "jsd_beta": 0.5, "clip_low": 0.2, "clip_high": 0.28,
-         "clip_ratio_c": 3.0, "kl_coef": 0.1, "entropy_coef": 0.05, "temperature": 1.0, **opts}
+    o = {"distill": "sampled", "gate_beta": 5.0, "distill_coef": 0.7, "jsd_beta": 0.5, "clip_low": 0.2,
+         "clip_high": 0.28, "clip_ratio_c": 3.0, "kl_coef": 0.1, "entropy_coef": 0.05, "temperature": 1.0, **opts}
     N, V = 6, 5
     case = make_case(N, V, advantages="token", old_logprobs=True, ref_logprobs=True, mask="none", seed=3)
     out, grad = _call(fn_name, case, reduction="none", **o)
