@@ -116,7 +116,15 @@ def time_ms(fn, device: str, warmup: bool = True, budget_s: float = 1.0) -> tupl
     """(median, p20, p80) milliseconds of one call of ``fn`` (CPU: ``warmup=False`` when it just ran)."""
     if device == "cuda":
         import triton.testing
-        q = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        # do_bench repeats for `rep` ms: at least ~10 calls for slow providers (eager at 64k tokens takes
+        # 100+ ms a call), so p20/p80 are not read off one or two samples.
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        est_ms = (time.perf_counter() - t0) * 1e3
+        rep = int(min(max(100.0, 10 * est_ms), 2000.0))
+        q = triton.testing.do_bench(fn, warmup=25, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return tuple(float(x) for x in q)
     if warmup:
         fn()  # lazy initialisation, first-touch page faults
