@@ -45,7 +45,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 log "environment written"
 
 # 1. GPU test tier.
-step 150 "pytest -m gpu" python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/
+step 150 "pytest -m gpu" python3 -m pytest -m gpu -q -s --maxfail=5 -p no:cacheprovider tests/  # -s: the fused-linear GPU test prints its timings
 
 # 2. Headline benchmark: correctness check, copy bandwidth, every provider but compile.
 step 210 "bench $SET" python3 -m bench --set "$SET" --results "$OUT" --jsonl "$OUT/progress.jsonl" \
