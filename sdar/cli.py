@@ -38,8 +38,10 @@ def add_train_args(p: argparse.ArgumentParser, *, compare=False):
     p.add_argument("--skill-noise", type=float, help="fraction of retrieved skills that are wrong")
     p.add_argument("--eval-instances", type=int)
     p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-temperature", type=float, help="held-out sampling temperature (0: greedy)")
     p.add_argument("--save-every", type=int)
     p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--vocab-size", type=int, help="pad the tiny model's vocabulary to this size")
     p.add_argument("--loss-backend", choices=("fused", "eager"))
     p.add_argument("--fused-linear", action="store_true", help="sdar_kernels.linear_sdar_loss on hidden states")
     p.add_argument("--distill", choices=("sampled", "reinforce", "fkl", "rkl", "jsd"))
@@ -58,7 +60,8 @@ def config_from_args(a, **fixed) -> TrainConfig:
         base = config_from_dict(json.loads(Path(a.config).read_text()))
     over = dict(QUICK) if a.quick else {}
     for name in ("steps", "tasks_per_step", "group_size", "lr", "mini_batches", "micro_batch", "layout",
-                 "history", "skill_noise", "eval_instances", "eval_every", "save_every", "warmup_steps",
+                 "history", "skill_noise", "eval_instances", "eval_every", "eval_temperature", "save_every",
+                 "warmup_steps", "vocab_size",
                  "loss_backend", "distill", "distill_coef", "gate_beta", "max_teacher_len", "model",
                  "cache_dir", "device"):
         v = getattr(a, name, None)

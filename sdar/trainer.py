@@ -55,12 +55,14 @@ class TrainConfig:
     max_new_tokens: int = 3
     skill_noise: float = 0.25
     train_instances: int = 1024
-    eval_instances: int = 64
+    eval_instances: int = 128
+    eval_temperature: float = 0.4  # verl-agent's validation temperature; 0: greedy
     eval_every: int = 10
     save_every: int = 0            # 0: checkpoint at the end only
     seed: int = 0
     model: str | None = None       # local HF checkpoint; None: the embedded tiny model
     warmup_steps: int = 300        # tiny model only
+    vocab_size: int = 0            # tiny model only: >0 pads its vocabulary (to measure the loss at scale)
     cache_dir: str | None = None
     loss_backend: str = "fused"    # "fused" (sdar_kernels) | "eager" (the plain eager reference)
     fused_linear: bool = False
@@ -90,6 +92,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if not (self.eval_temperature >= 0 and math.isfinite(self.eval_temperature)):
+            raise ValueError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
 
     def loss_config(self) -> SDARConfig:
         over = {k: v for k, v in (("distill", self.distill), ("distill_coef", self.distill_coef),
@@ -100,7 +104,7 @@ class TrainConfig:
         return TowerConfig(skill_noise=self.skill_noise)
 
     def tiny_config(self) -> TinyConfig:
-        return TinyConfig(warmup_steps=self.warmup_steps)
+        return TinyConfig(warmup_steps=self.warmup_steps, vocab_size=self.vocab_size)
 
 
 def pick_device(name: str) -> torch.device:
@@ -329,10 +333,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, with_skill=False) -> float:
-        """Greedy success rate on the held-out instances (the student: no skill in its context)."""
+        """Success rate on the held-out instances (the student: no skill in its context; ``with_skill``:
+        the same model acting with the retrieved skill, i.e. the teacher). Sampled at
+        ``eval_temperature`` from a generator with a fixed seed, the same for every run and step (common
+        random numbers), so differences between runs are differences between policies."""
         self.model.eval()
+        t = self.cfg.eval_temperature
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(1234)
         _, envs = run_episodes(self.model, self.codec, self.env_cfg, self.eval_set, layout=self.cfg.layout,
-                               history=self.cfg.history, max_new_tokens=self.cfg.max_new_tokens, greedy=True,
+                               history=self.cfg.history, max_new_tokens=self.cfg.max_new_tokens,
+                               greedy=t == 0, temperature=t if t > 0 else 1.0, generator=gen,
                                with_skill=with_skill, device=self.device)
         return sum(e.success for e in envs) / len(envs)
 
