@@ -151,7 +151,9 @@ def test_warmup_cache_is_deterministic_and_reused(tmp_path):
 
 def test_cli_train_quick(tmp_path, cache, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--quick", "--out", str(out), "--cache-dir", cache, "--no-progress"]) == 0
+    # --warmup-steps 20 reuses this module's warm-up cache (the real --quick builds a 100-step one)
+    assert main(["train", "--quick", "--out", str(out), "--cache-dir", cache, "--warmup-steps", "20",
+                 "--no-progress"]) == 0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert recs[0]["step"] == 0 and "eval/success" in recs[-1]
     assert (out / "checkpoint" / "config.json").exists() and (out / "config.json").exists()
@@ -161,7 +163,7 @@ def test_cli_train_quick(tmp_path, cache, capsys):
 def test_cli_compare_quick(tmp_path, cache):
     out = tmp_path / "cmp"
     assert main(["compare", "--quick", "--methods", "grpo,sdar", "--seeds", "2", "--out", str(out),
-                 "--cache-dir", cache, "--no-progress"]) == 0
+                 "--cache-dir", cache, "--warmup-steps", "20", "--no-progress"]) == 0
     table = (out / "results.md").read_text()
     assert "| grpo |" in table and "| sdar |" in table and "+-" in table
     assert (out / "results.png").stat().st_size > 10_000
