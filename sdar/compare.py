@@ -27,7 +27,10 @@ def read_metrics(path) -> list:
 
 def run_one(cfg: TrainConfig, method: str, seed: int, out: Path, threads: int, in_process=False) -> dict:
     """Train one (method, seed) into ``out/<method>-seed<seed>``: in this process, or as a subprocess
-    (``python -m sdar train``) so that several runs use the cores in parallel."""
+    (``python -m sdar train``) so that several runs use the cores in parallel. A distill_coef override
+    applies to the distilling methods only (GRPO stays GRPO)."""
+    if method == "grpo":
+        cfg = replace(cfg, distill_coef=None)
     run_dir = out / f"{method}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     if in_process:

@@ -92,6 +92,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if self.method == "grpo" and self.distill_coef not in (None, 0, 0.0):
+            raise ValueError(f"distill_coef: method 'grpo' has no distillation term, got {self.distill_coef}")
         if not (self.eval_temperature >= 0 and math.isfinite(self.eval_temperature)):
             raise ValueError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
 

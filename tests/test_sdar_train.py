@@ -125,7 +125,9 @@ def test_resume_refuses_another_config(cfg, tmp_path):
 @pytest.mark.parametrize("kw,name", [(dict(method="ppo"), "method"), (dict(layout="flat"), "layout"),
                                      (dict(loss_backend="cuda"), "loss_backend"),
                                      (dict(loss_backend="eager", fused_linear=True), "fused_linear"),
-                                     (dict(steps=0), "steps"), (dict(lr=-1.0), "lr")])
+                                     (dict(steps=0), "steps"), (dict(lr=-1.0), "lr"),
+                                     (dict(method="grpo", distill_coef=0.1), "distill_coef"),
+                                     (dict(eval_temperature=-1.0), "eval_temperature")])
 def test_config_errors_name_the_argument(kw, name):
     with pytest.raises(ValueError, match=name):
         TrainConfig(**kw)
