@@ -107,7 +107,8 @@ def aggregation_weights(mask2d, options, *, loss_weights=None, num_tokens=None):
     if options.reduction != "mean":
         return m.reshape(-1)
     if loss_weights is not None:
-        return (loss_weights.to(torch.float32) * m).reshape(-1)
+        # where(), not a product: a NaN weight on a masked token must not make the loss NaN
+        return torch.where(mask2d, loss_weights.to(torch.float32), 0.0).reshape(-1)
     mode = options.loss_agg_mode
     if mode == "token-mean":
         denom = num_tokens if num_tokens is not None else m.sum().clamp_min(1.0)

@@ -9,8 +9,10 @@ terms, and c_t = w_t * dl_t/dlog p_S(y). Pass 2 streams the rows again and write
 w_t * dl_t/dz_S. Nothing of size [N, V] is allocated; the gradient may alias the logits (each block is
 read before it is written, and only by this program).
 
-Everything runs in base 2: logits are scaled by k = log2(e) / temperature on load, so every exp is one
-exp2 (the multiply by log2(e) folds into 1/temperature) and log-probs in nats are (u - lse2) * ln 2.
+Exponentials are base 2: k = log2(e) / temperature folds the log2(e) into the temperature, so each is
+one exp2 of (z - max) * k. The running max is kept in raw logit units and subtracted *before* the
+scaling: z - max is exact for nearby values, so confident rows (logits ~ 40) keep fp32 log-probs
+(scaling first costs ~1e-5 absolute at |u| ~ 200). Log-probs in nats: (z - max) / tau - ln2 * log2(d).
 The generalized JSD is the one divergence whose row sums need both normalizers first, so it adds a
 statistics pass (pass 1b) between the two: three reads instead of two (README.md, "Why JSD reads 3x").
 """
@@ -25,8 +27,10 @@ NEG_BIG = tl.constexpr(-1.0e30)
 
 # Per-token output rows of `out` ([NUM_FIELDS, N] fp32), in the order of torch_impl.PER_TOKEN_FIELDS.
 NUM_FIELDS = 10
-# Per-row statistics kept for the reduction="none" backward ([N, NUM_STATS] fp32).
-NUM_STATS = 5
+# Per-row statistics kept for the reduction="none" backward ([N, NUM_STATS] fp32):
+# max_s, log2(d_s), entropy, max_t, log2(d_t), divergence, KL(p||M) (jsd).
+NUM_STATS = 7
+_STATS_STRIDE = tl.constexpr(7)
 # DISTILL constexpr values; full-vocabulary divergences are >= 2 (jsd with beta 0/1 arrives as fkl/rkl).
 DISTILL_CODES = {"sampled": 0, "reinforce": 1, "fkl": 2, "rkl": 3, "jsd": 4}
 
@@ -34,55 +38,57 @@ DISTILL_CODES = {"sampled": 0, "reinforce": 1, "fkl": 2, "rkl": 3, "jsd": 4}
 @triton.jit
 def _row_stats(logits_row, teacher_row, V, k_scale,
                BLOCK_V: tl.constexpr, HAS_TEACHER_LOGITS: tl.constexpr, DISTILL: tl.constexpr):
-    """Pass 1: online base-2 log-sum-exp of student and teacher, entropy and the KL row sums.
+    """Pass 1: online log-sum-exp of student and teacher, entropy and the KL row sums.
 
-    Returns (lse2_s, entropy [nats], lse2_t, div [nats]); div is fkl or rkl for DISTILL 2 / 3, else 0.
+    Returns (max_s, log2 d_s, entropy [nats], max_t, log2 d_t, div [nats]) with lse = max/tau + ln d;
+    div is fkl or rkl for DISTILL 2 / 3, else 0.
     """
     cols = tl.arange(0, BLOCK_V)
-    m_s = NEG_BIG
-    d_s = 0.0
-    a_s = 0.0        # sum exp2(u - m_s) * (u - m_s): entropy without the lse - E[s] cancellation
+    m_s = NEG_BIG    # running max, raw logit units
+    d_s = 0.0        # sum 2^((z - m_s) k)
+    a_s = 0.0        # sum 2^x * x, x = (z - m_s) k: entropy without the lse - E[s] cancellation
     m_t = NEG_BIG
     d_t = 0.0
-    b_div = 0.0      # fkl: sum exp2(v - m_t) * (v - u);  rkl: sum exp2(u - m_s) * (u - v)
+    b_div = 0.0      # fkl: sum 2^x_t * (z_t - z) k;  rkl: sum 2^x * (z - z_t) k
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         in_v = offs < V
-        # other=-inf gives exp2(.) = 0, the identity of every sum below (guarded products: 0 * inf)
-        u = tl.load(logits_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) * k_scale
-        m_new = tl.maximum(m_s, tl.max(u, axis=0))
-        alpha = tl.exp2(m_s - m_new)
-        e = tl.exp2(u - m_new)
-        a_s = alpha * (a_s + (m_s - m_new) * d_s) + tl.sum(tl.where(e > 0, e * (u - m_new), 0.0), axis=0)
+        # other=-inf gives 2^x = 0, the identity of every sum below (guarded products: 0 * inf)
+        z = tl.load(logits_row + offs, mask=in_v, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_s, tl.max(z, axis=0))
+        alpha = tl.exp2((m_s - m_new) * k_scale)
+        x = (z - m_new) * k_scale
+        e = tl.exp2(x)
+        a_s = alpha * (a_s + (m_s - m_new) * k_scale * d_s) + tl.sum(tl.where(e > 0, e * x, 0.0), axis=0)
         d_s = alpha * d_s + tl.sum(e, axis=0)
         m_s = m_new
         if HAS_TEACHER_LOGITS:
-            v = tl.load(teacher_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) * k_scale
-            mt_new = tl.maximum(m_t, tl.max(v, axis=0))
-            alpha_t = tl.exp2(m_t - mt_new)
-            e_t = tl.exp2(v - mt_new)
+            zt = tl.load(teacher_row + offs, mask=in_v, other=float("-inf")).to(tl.float32)
+            mt_new = tl.maximum(m_t, tl.max(zt, axis=0))
+            alpha_t = tl.exp2((m_t - mt_new) * k_scale)
+            e_t = tl.exp2((zt - mt_new) * k_scale)
             d_t = alpha_t * d_t + tl.sum(e_t, axis=0)
             m_t = mt_new
             if DISTILL == 2:
-                b_div = alpha_t * b_div + tl.sum(tl.where(e_t > 0, e_t * (v - u), 0.0), axis=0)
+                b_div = alpha_t * b_div + tl.sum(tl.where(e_t > 0, e_t * (zt - z) * k_scale, 0.0), axis=0)
             if DISTILL == 3:
-                b_div = alpha * b_div + tl.sum(tl.where(e > 0, e * (u - v), 0.0), axis=0)
-    log2_d_s = tl.log2(d_s)
-    lse2_s = m_s + log2_d_s
-    entropy = LN2 * (log2_d_s - a_s / d_s)
-    lse2_t = 0.0
+                b_div = alpha * b_div + tl.sum(tl.where(e > 0, e * (z - zt) * k_scale, 0.0), axis=0)
+    l2d_s = tl.log2(d_s)
+    entropy = LN2 * (l2d_s - a_s / d_s)
+    l2d_t = 0.0
     div = 0.0
     if HAS_TEACHER_LOGITS:
-        lse2_t = m_t + tl.log2(d_t)
+        l2d_t = tl.log2(d_t)
+        lse2_diff = (m_s - m_t) * k_scale + l2d_s - l2d_t   # (lse_S - lse_T) / ln 2
         if DISTILL == 2:
-            div = LN2 * (b_div / d_t + lse2_s - lse2_t)
+            div = LN2 * (b_div / d_t + lse2_diff)
         if DISTILL == 3:
-            div = LN2 * (b_div / d_s - lse2_s + lse2_t)
-    return lse2_s, entropy, lse2_t, div
+            div = LN2 * (b_div / d_s - lse2_diff)
+    return m_s, l2d_s, entropy, m_t, l2d_t, div
 
 
 @triton.jit
-def _jsd_stats(logits_row, teacher_row, V, k_scale, lse2_s, lse2_t, jsd_beta, BLOCK_V: tl.constexpr):
+def _jsd_stats(logits_row, teacher_row, V, k_scale, m_s, l2d_s, m_t, l2d_t, jsd_beta, BLOCK_V: tl.constexpr):
     """Pass 1b (jsd only): KL(p||M) and KL(q||M) in base 2, M = beta q + (1 - beta) p."""
     cols = tl.arange(0, BLOCK_V)
     kp = 0.0
@@ -90,8 +96,10 @@ def _jsd_stats(logits_row, teacher_row, V, k_scale, lse2_s, lse2_t, jsd_beta, BL
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         in_v = offs < V
-        lp2 = tl.load(logits_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) * k_scale - lse2_s
-        lq2 = tl.load(teacher_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) * k_scale - lse2_t
+        z = tl.load(logits_row + offs, mask=in_v, other=float("-inf")).to(tl.float32)
+        zt = tl.load(teacher_row + offs, mask=in_v, other=float("-inf")).to(tl.float32)
+        lp2 = (z - m_s) * k_scale - l2d_s
+        lq2 = (zt - m_t) * k_scale - l2d_t
         p = tl.exp2(lp2)
         q = tl.exp2(lq2)
         lm2 = tl.log2(jsd_beta * q + (1.0 - jsd_beta) * p)
@@ -137,42 +145,47 @@ def sdar_rows_kernel(
         y_safe = tl.where(y_ok, y, 0)
         # Out-of-range labels are rejected on the host where that is free (CPU tensors); on CUDA a bad
         # label poisons its row with NaN instead of reading out of bounds (README.md, "Validation").
-        u_y = tl.load(logits_row + y_safe).to(tl.float32) * k_scale
-        u_y = tl.where(y_ok, u_y, float("nan"))
+        z_y = tl.load(logits_row + y_safe).to(tl.float32)
+        z_y = tl.where(y_ok, z_y, float("nan"))
 
         # ---------------- row statistics ----------------
         if COMPUTE_STATS:
-            lse2_s, entropy, lse2_t, div = _row_stats(logits_row, teacher_row, V, k_scale,
-                                                      BLOCK_V, HAS_TEACHER_LOGITS, DISTILL)
+            m_s, l2d_s, entropy, m_t, l2d_t, div = _row_stats(logits_row, teacher_row, V, k_scale,
+                                                              BLOCK_V, HAS_TEACHER_LOGITS, DISTILL)
             kp = 0.0
             if DISTILL == 4:
-                kp, kq = _jsd_stats(logits_row, teacher_row, V, k_scale, lse2_s, lse2_t, jsd_beta, BLOCK_V)
+                kp, kq = _jsd_stats(logits_row, teacher_row, V, k_scale, m_s, l2d_s, m_t, l2d_t, jsd_beta,
+                                    BLOCK_V)
                 div = LN2 * (jsd_beta * kq + (1.0 - jsd_beta) * kp)
             if STORE_STATS:
-                stats_row = stats_ptr + row * 5
-                tl.store(stats_row + 0, lse2_s)
-                tl.store(stats_row + 1, entropy)
-                tl.store(stats_row + 2, lse2_t)
-                tl.store(stats_row + 3, div)
-                tl.store(stats_row + 4, kp)
+                stats_row = stats_ptr + row * _STATS_STRIDE
+                tl.store(stats_row + 0, m_s)
+                tl.store(stats_row + 1, l2d_s)
+                tl.store(stats_row + 2, entropy)
+                tl.store(stats_row + 3, m_t)
+                tl.store(stats_row + 4, l2d_t)
+                tl.store(stats_row + 5, div)
+                tl.store(stats_row + 6, kp)
         else:
-            stats_row = stats_ptr + row * 5
-            lse2_s = tl.load(stats_row + 0)
-            entropy = tl.load(stats_row + 1)
-            lse2_t = tl.load(stats_row + 2)
-            div = tl.load(stats_row + 3)
-            kp = tl.load(stats_row + 4)
+            stats_row = stats_ptr + row * _STATS_STRIDE
+            m_s = tl.load(stats_row + 0)
+            l2d_s = tl.load(stats_row + 1)
+            entropy = tl.load(stats_row + 2)
+            m_t = tl.load(stats_row + 3)
+            l2d_t = tl.load(stats_row + 4)
+            div = tl.load(stats_row + 5)
+            kp = tl.load(stats_row + 6)
 
         # ---------------- per-token terms (README.md "Per-token terms") ----------------
-        logp = LN2 * (u_y - lse2_s)
+        logp = (z_y - m_s) * inv_tau - LN2 * l2d_s
         dl_dlogp = 0.0
         gap = 0.0
         gate = 0.0
         distill = 0.0
         if HAS_TEACHER_LOGITS or HAS_TEACHER_LOGPROBS:
             if HAS_TEACHER_LOGITS:
-                v_y = tl.load(teacher_row + y_safe).to(tl.float32) * k_scale
-                logp_t = LN2 * (v_y - lse2_t)
+                zt_y = tl.load(teacher_row + y_safe).to(tl.float32)
+                logp_t = (zt_y - m_t) * inv_tau - LN2 * l2d_t
             else:
                 logp_t = tl.load(teacher_logp_ptr + row)
             gap = logp_t - logp
@@ -237,15 +250,15 @@ def sdar_rows_kernel(
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
                 in_v = offs < V
-                u = tl.load(logits_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) * k_scale
-                lp2 = u - lse2_s
+                z = tl.load(logits_row + offs, mask=in_v, other=float("-inf")).to(tl.float32)
+                lp2 = (z - m_s) * k_scale - l2d_s
                 p = tl.exp2(lp2)
                 g = -c * p
                 if HAS_ENTROPY:    # d(-H)/ds = p * (log p + H)
                     g += ent_w * p * (LN2 * tl.maximum(lp2, NEG_BIG) + entropy)
                 if DISTILL >= 2:
-                    lq2 = tl.load(teacher_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) * k_scale \
-                        - lse2_t
+                    zt = tl.load(teacher_row + offs, mask=in_v, other=float("-inf")).to(tl.float32)
+                    lq2 = (zt - m_t) * k_scale - l2d_t
                     q = tl.exp2(lq2)
                     if DISTILL == 2:    # fkl: p - q
                         g += div_w * (p - q)
