@@ -77,9 +77,9 @@ def summarize(runs, methods) -> dict:
 
 
 def write_table(summary, cfg: TrainConfig, n_seeds: int, command: str, path: Path):
+    how = "greedy" if cfg.eval_temperature == 0 else f"sampled at T={cfg.eval_temperature}"
     lines = [
-        f"Held-out success ({cfg.eval_instances} eval instances, "
-        f"{'greedy' if cfg.eval_temperature == 0 else f'sampled at T={cfg.eval_temperature}'}) after {cfg.steps} steps, "
+        f"Held-out success ({cfg.eval_instances} eval instances, {how}) after {cfg.steps} steps, "
         f"{n_seeds} seed(s); mean +- std over seeds (sample std).",
         "",
         "| method | final held-out success | per seed | start (step 0) | train success, last 5 steps "

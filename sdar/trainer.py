@@ -131,6 +131,15 @@ def token_logprobs(logits, labels, temperature):
     return lp.gather(-1, labels[:, None]).squeeze(-1)
 
 
+def row_logprobs(model, hidden, labels, temperature, max_elems=1 << 24):
+    """log p(label) of every row, projecting ``max_elems // V`` rows at a time, so the no-grad passes
+    (old / teacher / reference) never hold more than ~64 MB of fp32 logits whatever N and V are."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    step = max(1, max_elems // vocab)
+    return torch.cat([token_logprobs(project(model, hidden[i:i + step]), labels[i:i + step], temperature)
+                      for i in range(0, hidden.shape[0], step)]) if hidden.shape[0] else hidden.new_zeros(0)
+
+
 class Trainer:
     """Holds the policy, the frozen reference, the optimizer and every RNG; ``run()`` trains."""
 
@@ -260,9 +269,9 @@ class Trainer:
                 h = masked_rows(self.model, b.input_ids, b.attention_mask, b.position_ids, b.select, width)
                 ht = masked_rows(self.model, *b.teacher, b.select, width)
                 hr = masked_rows(self.ref, b.input_ids, b.attention_mask, b.position_ids, b.select, width)
-                old.append(token_logprobs(project(self.model, h), b.labels, tau))
-                teacher.append(token_logprobs(project(self.model, ht), b.labels, tau))
-                ref.append(token_logprobs(project(self.ref, hr), b.labels, tau))
+                old.append(row_logprobs(self.model, h, b.labels, tau))
+                teacher.append(row_logprobs(self.model, ht, b.labels, tau))
+                ref.append(row_logprobs(self.ref, hr, b.labels, tau))
         return torch.cat(old), torch.cat(teacher), torch.cat(ref)
 
     def loss_fn(self):
