@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..sdar_loss.function import pick_backend
-from ..sdar_loss.output import SDAROutput, masked_metrics
-from ..sdar_loss.torch_impl import PER_TOKEN_FIELDS
+from ..sdar_loss.output import PER_TOKEN_FIELDS, SDAROutput, package_output
 from .inputs import prepare_linear_inputs
 from .schedule import make_plan, run_chunks
 
@@ -116,12 +115,5 @@ def linear_sdar_loss(
     x = inputs.x
     plan = make_plan(inputs, pick_backend(x))
     loss, stacked = LinearSDARLossFunction.apply(inputs.hidden, weight, bias, plan)
-    per_token = dict(zip(PER_TOKEN_FIELDS[1:], stacked.unbind(0)))
     has_teacher = inputs.teacher_hidden is not None or x.teacher_logprobs is not None
-    metrics = masked_metrics(per_token, x.mask, has_teacher=has_teacher)
-    shape = x.token_shape
-    return SDAROutput(
-        loss=loss.reshape(shape) if x.options.reduction == "none" else loss,
-        logprobs=per_token["logprobs"].reshape(shape), entropy=per_token["entropy"].reshape(shape),
-        gate=per_token["gate"].reshape(shape), gap=per_token["gap"].reshape(shape), metrics=metrics,
-    )
+    return package_output(loss, stacked, x, has_teacher=has_teacher)

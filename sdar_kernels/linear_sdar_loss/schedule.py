@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..sdar_loss.torch_impl import PER_TOKEN_FIELDS
+from ..sdar_loss.output import PER_TOKEN_FIELDS
 from .chunking import chunk_rows
 from .heads import Head
 

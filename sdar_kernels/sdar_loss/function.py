@@ -15,8 +15,8 @@ import torch
 
 from .._checks import normalize_inputs
 from .._runtime import can_use_triton
-from .output import SDAROutput, masked_metrics
-from .torch_impl import PER_TOKEN_FIELDS, sdar_rows_torch
+from .output import PER_TOKEN_FIELDS, SDAROutput, package_output
+from .torch_impl import sdar_rows_torch
 
 
 class TorchRows:
@@ -153,12 +153,5 @@ def sdar_loss(
 def run_sdar_rows(x, rows):
     """Apply the autograd Function to prepared inputs and package the SDAROutput."""
     loss, stacked = SDARLossFunction.apply(x.logits, x, rows)
-    per_token = dict(zip(PER_TOKEN_FIELDS[1:], stacked.unbind(0)))
     has_teacher = x.teacher_logits is not None or x.teacher_logprobs is not None
-    metrics = masked_metrics(per_token, x.mask, has_teacher=has_teacher)
-    shape = x.token_shape
-    return SDAROutput(
-        loss=loss.reshape(shape) if x.options.reduction == "none" else loss,
-        logprobs=per_token["logprobs"].reshape(shape), entropy=per_token["entropy"].reshape(shape),
-        gate=per_token["gate"].reshape(shape), gap=per_token["gap"].reshape(shape), metrics=metrics,
-    )
+    return package_output(loss, stacked, x, has_teacher=has_teacher)

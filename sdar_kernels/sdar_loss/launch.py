@@ -12,7 +12,7 @@ import torch
 import triton
 
 from .kernels import DISTILL_CODES, NUM_FIELDS, NUM_STATS, sdar_rows_kernel
-from .torch_impl import PER_TOKEN_FIELDS
+from .output import PER_TOKEN_FIELDS
 
 # Largest vocabulary block one program streams at a time. 4096 fp32 lanes over 8 warps is 16 elements
 # (two 16-byte bf16 loads) per thread per tensor: wide loads, no spills (csrc_notes/sdar_loss.md).

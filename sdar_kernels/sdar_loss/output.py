@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Per-token values every backend produces, flat [N] fp32 and 0 on masked rows (the Triton kernel writes
+# them in this order).
+PER_TOKEN_FIELDS = ("loss", "logprobs", "entropy", "gate", "gap", "distill", "pg", "clipped", "ppo_kl", "kl")
+
 METRIC_NAMES = (
     "gate_mean", "gate_active_ratio", "gap_mean", "distill_loss", "pg_loss",
     "pg_clipfrac", "ppo_kl", "kl_loss", "entropy",
@@ -54,3 +58,16 @@ def masked_metrics(per_token: dict, mask: torch.Tensor, *, has_teacher: bool) ->
         "kl_loss": mean(per_token["kl"]),
         "entropy": mean(per_token["entropy"]),
     }
+
+
+def package_output(loss, stacked, x, *, has_teacher: bool) -> SDAROutput:
+    """SDAROutput from an autograd Function's loss and its stacked per-token rows (PER_TOKEN_FIELDS[1:]),
+    for prepared inputs ``x`` (token shape, mask, reduction)."""
+    per_token = dict(zip(PER_TOKEN_FIELDS[1:], stacked.unbind(0)))
+    shape = x.token_shape
+    return SDAROutput(
+        loss=loss.reshape(shape) if x.options.reduction == "none" else loss,
+        logprobs=per_token["logprobs"].reshape(shape), entropy=per_token["entropy"].reshape(shape),
+        gate=per_token["gate"].reshape(shape), gap=per_token["gap"].reshape(shape),
+        metrics=masked_metrics(per_token, x.mask, has_teacher=has_teacher),
+    )

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from .output import PER_TOKEN_FIELDS
 from .token_terms import token_terms
 
 # ~4M fp32 elements (16 MB) per chunk temporary; at most ~5 live at once.
@@ -22,7 +23,6 @@ CHUNK_ELEMENTS = 1 << 22
 # 0 * -1e30 = 0 instead of NaN. exp(-1e30) is exactly 0, so no value changes.
 LOG_FLOOR = -1e30
 
-PER_TOKEN_FIELDS = ("loss", "logprobs", "entropy", "gate", "gap", "distill", "pg", "clipped", "ppo_kl", "kl")
 
 
 class _RowDot:
