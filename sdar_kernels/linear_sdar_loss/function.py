@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..sdar_loss.function import pick_backend
-from ..sdar_loss.output import PER_TOKEN_FIELDS, SDAROutput, package_output
+from ..sdar_loss.output import PER_TOKEN_FIELDS, SDAROutput, package_output, reduce_loss
 from .inputs import prepare_linear_inputs
 from .schedule import make_plan, run_chunks
 
@@ -41,13 +41,7 @@ class LinearSDARLossFunction(torch.autograd.Function):
                       else (None, None, None))
         per_token, stats = run_chunks(plan, plan.inputs.x.weights, grad_hidden=gh, grad_weight=gw,
                                       grad_bias=gb, save_stats=any(needs) and not fused)
-        loss_tok = per_token["loss"]
-        if o.reduction == "none":
-            loss = loss_tok
-        elif o.reduction == "sum":
-            loss = loss_tok.sum()
-        else:
-            loss = (plan.inputs.x.weights * loss_tok).sum()
+        loss = reduce_loss(per_token["loss"], plan.inputs.x)
 
         ctx.fused, ctx.needs, ctx.stats, ctx.used = fused, needs, stats, False
         ctx.plan = None

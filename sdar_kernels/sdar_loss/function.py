@@ -15,7 +15,7 @@ import torch
 
 from .._checks import normalize_inputs
 from .._runtime import can_use_triton
-from .output import PER_TOKEN_FIELDS, SDAROutput, package_output
+from .output import PER_TOKEN_FIELDS, SDAROutput, package_output, reduce_loss
 from .torch_impl import sdar_rows_torch
 
 
@@ -66,13 +66,7 @@ class SDARLossFunction(torch.autograd.Function):
             grad = logits2d if o.inplace_backward else torch.empty_like(logits2d)
         per_token, stats = rows.forward(x, x.weights, grad, save_stats=need_grad and not fused)
 
-        loss_tok = per_token["loss"]
-        if o.reduction == "none":
-            loss = loss_tok
-        elif o.reduction == "sum":
-            loss = loss_tok.sum()
-        else:
-            loss = (x.weights * loss_tok).sum()
+        loss = reduce_loss(per_token["loss"], x)
 
         ctx.fused, ctx.x, ctx.rows, ctx.stats, ctx.used = fused, x, rows, stats, False
         # fused: the gradient; "none": the logits, re-read by the backward pass (saved through autograd

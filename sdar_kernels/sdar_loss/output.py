@@ -60,6 +60,17 @@ def masked_metrics(per_token: dict, mask: torch.Tensor, *, has_teacher: bool) ->
     }
 
 
+def reduce_loss(loss_tok, x):
+    """The loss of LOSS.md section 3 from the per-token l_t (0 on masked rows) of prepared inputs ``x``:
+    "none" -> m*l per token, "sum" -> sum m*l, "mean" -> sum w*l with the aggregation weights."""
+    reduction = x.options.reduction
+    if reduction == "none":
+        return loss_tok
+    if reduction == "sum":
+        return loss_tok.sum()
+    return (x.weights * loss_tok).sum()
+
+
 def package_output(loss, stacked, x, *, has_teacher: bool) -> SDAROutput:
     """SDAROutput from an autograd Function's loss and its stacked per-token rows (PER_TOKEN_FIELDS[1:]),
     for prepared inputs ``x`` (token shape, mask, reduction)."""
