@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from sdar_kernels import SDAROptions
+
 
 @dataclass(frozen=True)
 class SDARConfig:
@@ -26,6 +28,12 @@ class SDARConfig:
     loss_agg_mode: str = "token-mean"
     group_size: int = 8
     use_policy_gradient: bool = True
+
+    def __post_init__(self):
+        # the loss's own validation (ValueError naming the field), at construction instead of at the
+        # first loss call; the fields repeat SDAROptions' because the training defaults differ
+        # (kl_coef 0.01, entropy_coef 0.001 where the functional API leaves both off)
+        SDAROptions(**self.loss_kwargs())
 
     def loss_kwargs(self) -> dict:
         """Keyword arguments for ``sdar_kernels.sdar_loss`` / ``linear_sdar_loss``."""

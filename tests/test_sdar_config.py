@@ -121,3 +121,11 @@ def test_module_settings_pass_through(backend, device):
                     backend=backend, **sdar.SDARConfig().loss_kwargs())
     assert out.loss.shape == (2, 5) and torch.equal(out.loss.detach(), ref.loss)
     assert "reduction='none'" in repr(module) and f"backend='{backend}'" in repr(module)
+
+
+@pytest.mark.parametrize("field,value", [("gate_beta", float("nan")), ("temperature", 0.0),
+                                         ("distill", "kl"), ("loss_agg_mode", "mean")])
+def test_config_validates_at_construction(field, value):
+    """SDARConfig runs the loss's own validation when built, naming the field."""
+    with pytest.raises(ValueError, match=field):
+        sdar.SDARConfig(**{field: value})
