@@ -15,7 +15,6 @@ import os
 import sys
 import time
 
-import torch
 
 from . import harness
 from .cases import SETS, parse_case
