@@ -50,3 +50,21 @@ def test_sliced_sequences_match_reference(backend, reduction, inplace, teacher_s
     assert src.grad[:, -1].abs().max() == 0    # the cut-off position got no gradient
     if inplace:   # the gradient now lives in the logits' storage
         torch.testing.assert_close(logits.detach(), src_ref.grad[:, :-1], atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_backward_holds_no_reference_to_the_logits(backend):
+    """After a fused forward ("mean"), the graph keeps only the gradient: the teacher logits (and the
+    student logits, once the caller drops them) can be freed before backward."""
+    import gc
+    import weakref
+
+    src = torch.randn(6, 40, requires_grad=True)
+    teacher = torch.randn(6, 40)
+    teacher_ref = weakref.ref(teacher)
+    out = sk.sdar_loss(src * 1.0, torch.randint(0, 40, (6,)), teacher_logits=teacher, backend=backend)
+    del teacher
+    gc.collect()
+    assert teacher_ref() is None
+    out.loss.backward()
+    assert src.grad.abs().sum() > 0

@@ -68,7 +68,12 @@ class SDARLossFunction(torch.autograd.Function):
 
         loss = reduce_loss(per_token["loss"], x)
 
-        ctx.fused, ctx.x, ctx.rows, ctx.stats, ctx.used = fused, x, rows, stats, False
+        ctx.fused, ctx.rows, ctx.stats, ctx.used = fused, rows, stats, False
+        ctx.inplace = o.inplace_backward
+        # The fused backward needs only the gradient: keep no reference to the (teacher) logits, so they
+        # are freed as soon as the caller drops them. "none" keeps the side inputs; its logits go
+        # through save_for_backward below.
+        ctx.x = None if fused else dataclasses.replace(x, logits=None)
         # fused: the gradient; "none": the logits, re-read by the backward pass (saved through autograd
         # so an in-place change to them between forward and backward raises instead of going unseen)
         ctx.save_for_backward(grad if fused else logits2d)
@@ -78,7 +83,7 @@ class SDARLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stacked):
-        if ctx.used and (ctx.fused or ctx.x.options.inplace_backward):
+        if ctx.used and (ctx.fused or ctx.inplace):
             raise RuntimeError("sdar_loss: backward ran twice through one forward; the gradient buffer (or, "
                                "with inplace_backward, the logits) was consumed in place, so retain_graph "
                                "re-use is not supported")
@@ -89,7 +94,7 @@ class SDARLossFunction(torch.autograd.Function):
         x = dataclasses.replace(ctx.x, logits=saved)
         weights = x.mask.to(torch.float32) * grad_loss.reshape(-1).to(torch.float32)
         # inplace_backward: each block of the logits is read before its gradient overwrites it
-        grad = saved if x.options.inplace_backward else torch.empty_like(saved)
+        grad = saved if ctx.inplace else torch.empty_like(saved)
         ctx.rows.backward(x, weights, grad, ctx.stats)
         return grad, None, None
 
