@@ -52,19 +52,26 @@ def test_sliced_sequences_match_reference(backend, reduction, inplace, teacher_s
         torch.testing.assert_close(logits.detach(), src_ref.grad[:, :-1], atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_backward_holds_no_reference_to_the_logits(backend):
-    """After a fused forward ("mean"), the graph keeps only the gradient: the teacher logits (and the
-    student logits, once the caller drops them) can be freed before backward."""
-    import gc
-    import weakref
+def _tensors_held_by(node):
+    """Every tensor the autograd node of sdar_loss keeps: saved tensors and the prepared inputs' fields."""
+    held = list(node.saved_tensors)
+    x = getattr(node, "x", None)
+    if x is not None:
+        held += [v for v in vars(x).values() if isinstance(v, torch.Tensor)]
+    return held
 
-    src = torch.randn(6, 40, requires_grad=True)
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_graph_holds_the_logits_only_when_backward_reads_them(backend, reduction):
+    """Fused ("mean"): the graph keeps only the gradient, so student and teacher logits can be freed
+    before backward. "none": backward re-reads both, so the graph keeps them."""
+    logits = torch.randn(6, 40, requires_grad=True)
     teacher = torch.randn(6, 40)
-    teacher_ref = weakref.ref(teacher)
-    out = sk.sdar_loss(src * 1.0, torch.randint(0, 40, (6,)), teacher_logits=teacher, backend=backend)
-    del teacher
-    gc.collect()
-    assert teacher_ref() is None
-    out.loss.backward()
-    assert src.grad.abs().sum() > 0
+    out = sk.sdar_loss(logits * 1.0, torch.randint(0, 40, (6,)), teacher_logits=teacher, backend=backend,
+                       distill="fkl", reduction=reduction)
+    node = out.loss.grad_fn if reduction == "mean" else out.loss.grad_fn.next_functions[0][0]
+    ptrs = {t.data_ptr() for t in _tensors_held_by(node)}
+    assert (teacher.data_ptr() in ptrs) == (reduction == "none")
+    out.loss.sum().backward()
+    assert logits.grad.abs().sum() > 0
