@@ -135,6 +135,9 @@ def _setup_context(ctx, inputs, output):
     opts = tuple(rest[:len(OPTION_ARGS)])
     engine, schedule = rest[len(OPTION_ARGS)], rest[len(OPTION_ARGS) + 1]
     _, stacked, gh, gw, gb, stats = output
+    # the per-token / gradient / statistics outputs get no gradient: don't let autograd allocate zeros
+    # for them (an [N, V] zero fill in every backward)
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(stacked, gh, gw, gb, stats)
     ctx.schedule, ctx.engine, ctx.opts, ctx.used = schedule, engine, opts, False
     hidden, weight, bias = tensors[:3]

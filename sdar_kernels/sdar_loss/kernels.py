@@ -26,12 +26,15 @@ turns 0 * inf into NaN; a NaN or +inf logit still makes its row NaN, as it does 
 import triton
 import triton.language as tl
 
+from . import output
 from .output import NUM_ROW_STATS, PER_TOKEN_FIELDS
 
 LN2 = tl.constexpr(0.6931471805599453)
 # Finite floor for log-probabilities in products p * log p (0 * log 0 = 0 * NEG_BIG = 0) and the starting
 # value of the running max (so a lane that only sees -inf keeps d = 0 and never computes -inf - -inf).
 NEG_BIG = tl.constexpr(-1.0e30)
+# The smallest normal fp32: a gate below it counts as 0 on every device.
+GATE_FLOOR = tl.constexpr(output.GATE_FLOOR)
 
 # Per-token output rows of `out` ([NUM_FIELDS, N] fp32), in the order of output.PER_TOKEN_FIELDS.
 NUM_FIELDS = len(PER_TOKEN_FIELDS)
@@ -257,9 +260,10 @@ def _token_terms(logp, logp_t, row, adv_ptr, old_ptr, ref_ptr, div, gate_beta, d
         gap = logp_t - logp
         # gate_beta = 0 is the ungated baseline: 0.5 everywhere, also where gap is infinite (never 0 * inf)
         gate = tl.sigmoid(tl.where(gate_beta != 0, gate_beta * gap, 0.0))
-        # gate == 0 only where the teacher gives y zero probability (or the sigmoid underflows): the gated
-        # term is taken as its limit 0 there, never 0 * inf (README.md, "Limits")
-        live = gate > 0
+        # A gate below the smallest normal fp32 is taken as 0 (the teacher gives y zero probability, or the
+        # sigmoid underflows: whether it returns a subnormal or 0 depends on the device), and the gated term
+        # as its limit 0 there, never 0 * inf (README.md, "Limits"). A NaN gate stays NaN.
+        live = ~(gate < GATE_FLOOR)
         if DISTILL == 0:        # sampled: D = gate * (logp_T - logp_S)
             distill = tl.where(live, gate * gap, 0.0)
             dl_dlogp -= distill_coef * gate
@@ -268,9 +272,9 @@ def _token_terms(logp, logp_t, row, adv_ptr, old_ptr, ref_ptr, div, gate_beta, d
             dl_dlogp -= distill_coef * tl.where(live, gate * gap, 0.0)
         else:                   # full-vocabulary divergence, gated; +inf stays +inf (README.md, "Limits")
             distill = tl.where(live, gate * div, 0.0)
-            div_scale = gate
+            div_scale = tl.where(live, gate, 0.0)
             if DISTILL == 3:    # an infinite rkl has no finite gradient: none is taken (fkl's p - q is finite)
-                div_scale = tl.where(div < float("inf"), gate, 0.0)
+                div_scale = tl.where(div < float("inf"), div_scale, 0.0)
 
     pg = 0.0
     clipped = 0.0

@@ -157,6 +157,9 @@ def _setup_context(ctx, inputs, output):
      ref_logprobs, *rest) = inputs
     opts, engine, schedule = tuple(rest[:len(OPTION_ARGS)]), rest[-2], rest[-1]
     _, stacked, grad, stats = output
+    # the per-token / gradient / statistics outputs get no gradient: don't let autograd allocate zeros
+    # for them (an [N, V] zero fill in every backward)
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(stacked, grad, stats)
     ctx.schedule, ctx.engine, ctx.opts, ctx.used = schedule, engine, opts, False
     if schedule == "fused":

@@ -17,6 +17,10 @@ PER_TOKEN_FIELDS = ("loss", "logprobs", "entropy", "gate", "gap", "distill", "pg
 # max and log2-sum of student and teacher, entropy, divergence, KL(p||M), dl/dlog p_S(y), divergence scale.
 NUM_ROW_STATS = 9
 
+# A gate below the smallest normal fp32 counts as 0 (whether a sigmoid that far out returns a subnormal or
+# 0 depends on the device): the gated terms are 0 there, the limit of gate * gap at gap = -inf.
+GATE_FLOOR = 1.1754943508222875e-38
+
 METRIC_NAMES = (
     "gate_mean", "gate_active_ratio", "gap_mean", "distill_loss", "pg_loss",
     "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "kl_loss", "entropy", "nonfinite_tokens",

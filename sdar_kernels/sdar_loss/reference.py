@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import normalize_inputs
-from .output import SDAROutput, masked_metrics
+from .output import GATE_FLOOR, SDAROutput, masked_metrics
 
 
 def sdar_loss_reference(
@@ -160,9 +160,11 @@ def sdar_loss_reference(
 
 def _gated(gate, term):
     """gate * term, taken as its limit 0 where the gate is 0 (a teacher that gives the sampled token zero
-    probability: gate 0, term infinite). where() keeps the unselected product out of the gradient."""
-    safe = torch.where(gate > 0, term, torch.zeros((), dtype=term.dtype))
-    return torch.where(gate > 0, gate * safe, torch.zeros((), dtype=term.dtype))
+    probability: gate 0, term infinite), i.e. below the smallest normal fp32 whatever the compute dtype.
+    where() keeps the unselected product out of the gradient."""
+    live = ~(gate < GATE_FLOOR)    # below the smallest normal fp32 the gate counts as 0; NaN stays NaN
+    safe = torch.where(live, term, torch.zeros((), dtype=term.dtype))
+    return torch.where(live, gate * safe, torch.zeros((), dtype=term.dtype))
 
 
 def _divergence(logp_all, logq_all, kind, jsd_beta):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .output import GATE_FLOOR
+
 # verl clamps log(r) to +-20 before exp (released-code semantics, see README.md)
 LOG_RATIO_CLAMP = 20.0
 K3_CLAMP = 10.0
@@ -41,9 +43,10 @@ class TokenTerms:
         return torch.where(weights != 0, weights * distill_coef * self.div_scale, 0.0)
 
 
-def _masked_product(a, b):
-    """a * b taken as 0 where a is 0 (the gated terms' limit: gate 0 times an infinite gap or divergence)."""
-    return torch.where(a != 0, a * b, torch.zeros((), dtype=a.dtype, device=a.device))
+def _masked_product(gate, b):
+    """gate * b taken as 0 where the gate is 0, i.e. below GATE_FLOOR (the gated terms' limit: gate 0 times an
+    infinite gap or divergence). A NaN gate stays NaN."""
+    return torch.where(gate < GATE_FLOOR, torch.zeros((), dtype=gate.dtype, device=gate.device), gate * b)
 
 
 def token_terms(*, logp, entropy, mask, options, logp_teacher=None, divergence=None,
@@ -66,7 +69,9 @@ def token_terms(*, logp, entropy, mask, options, logp_teacher=None, divergence=N
         else:
             distill = _masked_product(gate, divergence)
             # an infinite rkl has no finite gradient: none is taken (fkl's p - q is finite)
-            div_scale = torch.where(divergence < float("inf"), gate, zero) if o.divergence == "rkl" else gate
+            div_scale = torch.where(gate < GATE_FLOOR, zero, gate)
+            if o.divergence == "rkl":
+                div_scale = torch.where(divergence < float("inf"), div_scale, zero)
     else:
         gap, gate, distill = zero, zero, zero
 

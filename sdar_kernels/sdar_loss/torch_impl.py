@@ -40,15 +40,22 @@ class _RowDot:
         return torch.mul(a, b, out=self.scratch).sum(-1)
 
 
-def _log_softmax_fp32(x, inv_tau):
-    """fp32 log-softmax of a chunk of logits / temperature (a fused torch kernel: one new buffer).
+def _log_softmax_fp32(x, inv_tau, y):
+    """fp32 log-softmax of a chunk of logits / temperature (a fused torch kernel: one new buffer), and its
+    value at the labels ``y`` [n, 1].
 
-    -inf logits give log-probs floored at LOG_FLOOR. Masked rows are not cleaned first: their NaN/inf
-    stay inside their own row and are replaced by zeros in the outputs and the gradient.
+    -inf logits give log-probs floored at LOG_FLOOR (the label's own log-prob keeps its -inf). Masked rows
+    are not cleaned first: their NaN/inf stay inside their own row and are replaced by zeros in the
+    outputs and the gradient.
     """
     if inv_tau != 1.0:
-        x = x.to(torch.float32) * inv_tau
-    return torch.log_softmax(x, dim=-1, dtype=torch.float32).clamp_min_(LOG_FLOOR)
+        # subtract the row max before scaling (as the kernel does): z - max is exact for nearby logits, while
+        # scaling a raw logit of a few hundred first costs an ulp of the scaled value in every log-prob
+        x = x.to(torch.float32)
+        x = (x - x.amax(-1, keepdim=True)).mul_(inv_tau)
+    log_probs = torch.log_softmax(x, dim=-1, dtype=torch.float32)
+    at_labels = log_probs.gather(1, y).squeeze(1)
+    return log_probs.clamp_min_(LOG_FLOOR), at_labels
 
 
 def sdar_rows_torch(x, weights, grad=None):
@@ -86,9 +93,12 @@ def _chunk(x, sl, w, grad):
     keep = x.mask[sl]
     y = x.labels[sl].clamp(0, x.logits.shape[-1] - 1)[:, None]  # masked rows may hold ignore labels
 
-    logp_all = _log_softmax_fp32(_token_rows(x.logits, sl), inv_tau)  # log p_S
+    logp_all, logp = _log_softmax_fp32(_token_rows(x.logits, sl), inv_tau, y)  # log p_S
+    # an out-of-range label on an unmasked row (only possible where it is not checked: inside a compiled
+    # graph, or on CUDA) poisons its row with NaN, as the Triton kernel does
+    labels = x.labels[sl]
+    logp = torch.where((labels >= 0) & (labels < x.logits.shape[-1]) | ~keep, logp, float("nan"))
     p = torch.exp(logp_all)
-    logp = logp_all.gather(1, y).squeeze(1)
     rowdot = _RowDot(p)
     entropy = -rowdot(p, logp_all)
     # a NaN / +inf logit, or a row of -inf only, makes the whole log-softmax row NaN
@@ -96,8 +106,7 @@ def _chunk(x, sl, w, grad):
 
     logp_teacher, divergence, div_grad = None, None, None
     if x.teacher_logits is not None:
-        logq_all = _log_softmax_fp32(_token_rows(x.teacher_logits, sl), inv_tau)  # log p_T
-        logp_teacher = logq_all.gather(1, y).squeeze(1)
+        logq_all, logp_teacher = _log_softmax_fp32(_token_rows(x.teacher_logits, sl), inv_tau, y)  # log p_T
         nonfinite = nonfinite | logp_teacher.isnan()
         if o.full_vocab_distill:
             divergence, div_grad = _divergence(o, logp_all, p, logq_all, entropy, rowdot,
