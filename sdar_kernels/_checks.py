@@ -1,6 +1,6 @@
 """Input validation and normalisation shared by every SDAR op and backend.
 
-Everything here is shape/dtype/device logic plus the aggregation weights of LOSS.md section 3; there is
+Everything here is shape/dtype/device logic plus the aggregation weights (sdar_loss/README.md); there is
 no loss math. Messages name the offending argument. Nothing here synchronises with a CUDA device: the
 label range is checked where it is free (CPU tensors) and, on CUDA, only with
 ``SDAR_KERNELS_CHECK_LABELS=1`` (the kernels poison the row with NaN instead of reading out of range).
@@ -98,7 +98,7 @@ def _check_num_tokens(num_tokens, device):
 
 
 def aggregation_weights(mask2d, options, *, loss_weights=None, num_tokens=None):
-    """w_t of LOSS.md section 3 on the token shape of ``mask2d`` (bool), returned flat [N] fp32.
+    """w_t (README.md of sdar_loss, "Aggregation") on the token shape of ``mask2d`` (bool), returned flat [N] fp32.
 
     reduction "sum" / "none" use w = m (the loss is sum(m*l) / m*l); "mean" uses the mode's weights,
     or ``loss_weights * m`` when explicit weights are given.

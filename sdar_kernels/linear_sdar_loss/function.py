@@ -1,6 +1,6 @@
 """Autograd Function and the public functional ``linear_sdar_loss`` (hidden states + lm_head in).
 
-Same contract and ``SDAROutput`` as ``sdar_loss`` (shared/design/LOSS.md) with logits = hidden @ W.T (+ b)
+Same contract and ``SDAROutput`` as ``sdar_loss`` (docs/api.md) with logits = hidden @ W.T (+ b)
 and teacher logits = teacher_hidden @ W_T.T (+ b_T), never materialised beyond one chunk (schedule.py).
 Two schedules, as in ``sdar_loss``:
 - "mean" / "sum": w_t is known in the forward, so the forward pass also runs the gradient GEMMs
@@ -94,7 +94,7 @@ def linear_sdar_loss(
     weight); bias: [V] or None. Teacher: ``teacher_hidden`` (same token shape; uses ``weight`` and
     ``bias`` unless ``teacher_weight`` / ``teacher_bias`` are given; no gradient ever flows to it, even
     when the weight is shared) or ``teacher_logprobs`` (no teacher matmul at all). Every other argument
-    is that of ``sdar_loss`` (LOSS.md). ``inplace_backward`` has no effect here: the logit gradient is
+    is that of ``sdar_loss`` (docs/api.md). ``inplace_backward`` has no effect here: the logit gradient is
     always written into the chunk's own fp32 logits buffer. See README.md in this folder.
     """
     inputs = prepare_linear_inputs(

@@ -1,4 +1,4 @@
-"""Autograd Function and the public functional ``sdar_loss`` (contract: shared/design/LOSS.md section 5).
+"""Autograd Function and the public functional ``sdar_loss`` (API: docs/api.md).
 
 Two schedules, picked from the reduction:
 - "mean" / "sum": the aggregation weights w_t are known in the forward, so the backend writes
@@ -110,7 +110,7 @@ def sdar_loss(
     """Fused SDAR loss: GRPO (dual clip) + k3 KL + entropy bonus + sigmoid-gated self-distillation.
 
     Per token: l = pg + kl_coef * kl - entropy_coef * H + distill_coef * gate * D, aggregated as
-    sum_t w_t l_t (shared/design/LOSS.md; derivations in sdar_kernels/sdar_loss/README.md).
+    sum_t w_t l_t (docs/api.md; derivations in sdar_kernels/sdar_loss/README.md).
 
     Args:
         logits: [..., V] student logits (fp32 / bf16 / fp16), usually [B, T, V] or [N, V]. Sliced
