@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -22,8 +23,9 @@ from . import harness
 from .cases import SETS, parse_case
 from .providers import OPS, PROVIDERS
 
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 # the tracked results (CSV history, the plots the README shows): written only with --record
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = os.path.join(BENCH_DIR, "results")
 # a user's own runs: git-ignored (.gitignore), so `python -m bench` never modifies tracked files
 LOCAL_RESULTS = os.path.join(RESULTS, "local")
 
@@ -51,24 +53,22 @@ def _progress(total, desc):
 
 # ---------------------------------------------------------------- correctness step
 def run_check_step(device, providers):
-    """Check each provider against the reference. On CPU in a child process under TRITON_INTERPRET=1,
-    so the Triton kernels and Liger are checked too (they cannot be timed there)."""
+    """Check each provider against the reference. On CPU in a fresh interpreter started with
+    TRITON_INTERPRET=1, so the Triton kernels and Liger are checked too (they cannot be timed there).
+    A fresh interpreter, not a child of the case zygote: the interpreter switch only takes effect if it is
+    set before triton is first imported, and the zygote imports it (torch._dynamo does)."""
     t0 = time.time()
     if device == "cuda":
         from .check import run_check
         rows = run_check(device, providers)
     else:
-        from ._case import check_child
-        ctx = _forkserver()
-        recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=check_child, args=(send,))
-        p.start()
-        send.close()
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+        p = subprocess.run([sys.executable, "-m", "bench.check", "--json"], cwd=os.path.dirname(BENCH_DIR),
+                           env=env, capture_output=True, text=True)
         try:
-            rows = recv.recv()
-        except EOFError:
-            raise RuntimeError(f"correctness check process exited with {p.exitcode}") from None
-        p.join()
+            rows = json.loads(p.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            raise RuntimeError(f"correctness check process exited with {p.returncode}:\n{p.stderr[-3000:]}") from None
         rows = [r for r in rows if r["provider"] in providers]
     from .check import format_rows
     print(f"\n== correctness vs sdar_kernels.reference (fp32, loss and gradient; {time.time() - t0:.1f} s"
