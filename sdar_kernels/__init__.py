@@ -1,6 +1,6 @@
 """sdar-kernels: fused Triton kernels for SDAR (Self-Distilled Agentic Reinforcement Learning).
 
-Public API (shared/design/LOSS.md section 5): ``sdar_loss`` and its eager oracle
+Public API (docs/api.md): ``sdar_loss`` and its eager oracle
 ``reference.sdar_loss_reference``; ``SDAROutput`` is what both return.
 """
 

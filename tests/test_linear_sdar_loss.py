@@ -1,6 +1,6 @@
 """Fused-linear SDAR loss (hidden states + lm_head in) against the oracles and against ``sdar_loss``.
 
-Oracle rule (shared/design/CONVENTIONS.md): |ours - fp64 oracle| <= 2 * |eager - fp64 oracle| + atol, where
+Oracle rule: |ours - fp64 oracle| <= 2 * |eager - fp64 oracle| + atol, where
 eager = "matmul then loss" at the input dtype (logits = hidden @ W.T in that dtype, then the eager SDAR
 reference, autograd back to hidden / W / b) and the fp64 oracle = the SDAR reference in fp64 on the
 fp32-rounded exact logits, chained to hidden / W / b with fp64 matmuls. Random upstream gradients for

@@ -37,7 +37,7 @@ def linear_sdar_loss(
     weight); bias: [V] or None. Teacher: ``teacher_hidden`` (same token shape; uses ``weight`` and
     ``bias`` unless ``teacher_weight`` / ``teacher_bias`` are given; no gradient ever flows to it, even
     when the weight is shared) or ``teacher_logprobs`` (no teacher matmul at all). Every other argument
-    is that of ``sdar_loss`` (LOSS.md). ``inplace_backward`` has no effect here: the logit gradient is
+    is that of ``sdar_loss`` (docs/api.md). ``inplace_backward`` has no effect here: the logit gradient is
     always written into the chunk's own fp32 logits buffer. See README.md in this folder.
     """
     inputs = prepare_linear_inputs(

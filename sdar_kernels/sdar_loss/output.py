@@ -75,7 +75,7 @@ def masked_metrics(per_token: dict, mask: torch.Tensor, *, has_teacher: bool) ->
 
 
 def reduce_loss(loss_tok, x):
-    """The loss of LOSS.md section 3 from the per-token l_t (0 on masked rows) of prepared inputs ``x``:
+    """The loss (README.md, "Aggregation") from the per-token l_t (0 on masked rows) of prepared inputs ``x``:
     "none" -> m*l per token, "sum" -> sum m*l, "mean" -> sum w*l with the aggregation weights."""
     reduction = x.options.reduction
     if reduction == "none":

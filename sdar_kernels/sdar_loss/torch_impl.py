@@ -1,7 +1,7 @@
 """Chunked torch implementation of the SDAR loss: the CPU / non-CUDA backend (``backend="torch"``).
 
 Rows are processed in chunks of about ``CHUNK_ELEMENTS`` logits. Each chunk is converted to fp32 once, its
-row statistics computed, and its gradient (LOSS.md section 4) written straight into the gradient buffer,
+row statistics computed, and its gradient (README.md, "Gradient") written straight into the gradient buffer,
 so the peak memory beyond the inputs is the gradient buffer plus a handful of fp32 chunk temporaries,
 not the several fp32 [N, V] copies (log-softmax, softmax, autograd saves) that eager code makes.
 The same function serves the fused-linear torch path, which hands it one token chunk of fp32 logits.
