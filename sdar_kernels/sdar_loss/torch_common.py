@@ -1,0 +1,25 @@
+"""What the two formulations of the torch engine share (torch_impl.py: eager; torch_fused.py: compiled):
+the log floor, the sampled token's log-prob with its label check, and the per-token output tuple."""
+
+from __future__ import annotations
+
+import torch
+
+# -inf logits (banned tokens) become this finite floor wherever a log-prob multiplies a probability, so
+# 0 * log 0 terms are 0 * -1e30 = 0 instead of NaN. exp(-1e30) is exactly 0, so no value changes.
+LOG_FLOOR = -1e30
+
+
+def label_logprob(logp, labels, keep, vocab):
+    """log p(y) of each row with an out-of-range label on an unmasked row turned into NaN.
+
+    Such a label is only possible where labels are not checked (inside a compiled graph, or on CUDA); the
+    row is poisoned as the Triton kernel poisons it, so the bad input shows as a non-finite row."""
+    return torch.where((labels >= 0) & (labels < vocab) | ~keep, logp, float("nan"))
+
+
+def per_token_outputs(terms, keep, logp, entropy, nonfinite):
+    """The per-token values in ``PER_TOKEN_FIELDS`` order, 0 on masked rows (``terms``: TokenTerms)."""
+    return (terms.loss, torch.where(keep, logp, 0.0), torch.where(keep, entropy, 0.0), terms.gate, terms.gap,
+            terms.distill, terms.pg, terms.clipped, terms.clipped_lower, terms.ppo_kl, terms.kl,
+            (nonfinite & keep).to(torch.float32))
