@@ -124,11 +124,9 @@ def aggregation_weights(mask2d, options, *, loss_weights=None, num_tokens=None):
     return (m / T).reshape(-1)  # seq-mean-token-sum-norm
 
 
-def normalize_inputs(logits, labels, *, teacher_logits=None, teacher_logprobs=None, mask=None,
-                     advantages=None, old_logprobs=None, ref_logprobs=None, loss_weights=None,
-                     num_tokens=None, **option_kwargs) -> PreparedInputs:
-    """Validate one call of the SDAR loss and flatten it to [N] / [N, V]. Raises ValueError."""
-    options = SDAROptions(**option_kwargs)
+def check_logits_and_labels(logits, labels):
+    """The checks every logits op shares: [..., V] float logits and integer labels of their token shape.
+    Returns (device, token_shape, V)."""
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, allow_none=False)
     if logits.dim() < 2:
         raise ValueError(f"logits must be [..., V] with at least 2 dims, got shape {tuple(logits.shape)}")
@@ -138,6 +136,15 @@ def normalize_inputs(logits, labels, *, teacher_logits=None, teacher_logprobs=No
     check_tensor("labels", labels, shape=token_shape, device=device, allow_none=False)
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    return device, token_shape, V
+
+
+def normalize_inputs(logits, labels, *, teacher_logits=None, teacher_logprobs=None, mask=None,
+                     advantages=None, old_logprobs=None, ref_logprobs=None, loss_weights=None,
+                     num_tokens=None, **option_kwargs) -> PreparedInputs:
+    """Validate one call of the SDAR loss and flatten it to [N] / [N, V]. Raises ValueError."""
+    options = SDAROptions(**option_kwargs)
+    device, token_shape, V = check_logits_and_labels(logits, labels)
 
     if teacher_logits is not None and teacher_logprobs is not None:
         raise ValueError("pass at most one teacher form: teacher_logits or teacher_logprobs, not both")
