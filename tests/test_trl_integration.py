@@ -118,6 +118,8 @@ def test_distillation_on_trains_and_logs_metrics(name, kw, cfg, model_path):
             assert k in e and e[k] == e[k]      # present and not NaN
         assert 0.0 <= e["sdar/gate_mean"] <= 1.0
     assert h.params_moved(trainer)
+    if name == "logits-logits-fkl":      # evaluation runs the same loss step under no_grad
+        assert "eval_sdar/gate_mean" in trainer.evaluate(h.dataset(4))
 
 
 def _hand_distillation(trainer, inputs, coef, gate_beta):
@@ -131,7 +133,8 @@ def _hand_distillation(trainer, inputs, coef, gate_beta):
         logits = model(input_ids=ids, attention_mask=attention).logits[:, -K - 1:-1].float() / T
         return torch.log_softmax(logits, -1).gather(-1, completion[..., None]).squeeze(-1)
 
-    student = logps(torch.cat([prompt_ids, completion], 1), torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1))
+    student = logps(torch.cat([prompt_ids, completion], 1),
+                    torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1))
     privileged = dict(zip(h.PROMPTS, h.PRIVILEGED))
     rows = [tok(privileged[tok.decode(p[m.bool()])] + "\n\n" + tok.decode(p[m.bool()]))["input_ids"]
             for p, m in zip(prompt_ids, inputs["prompt_mask"])]

@@ -173,7 +173,7 @@ def test_micro_batches_with_global_counts_sum_to_the_whole_batch(agg):
     for part in parts:
         out = engine_step(sv.fused_prepare_model_outputs, part)
         loss, _ = distillation_ppo_loss(config, distill_config(0.3), out, part.data)
-        # each micro-batch equals sdar_loss given the same global counts (LOSS.md section 3)
+        # each micro-batch equals sdar_loss given the same global counts (its loss_agg_mode weights)
         ref = sdar_loss_of(part, config, 0.3, num_tokens=tokens, num_sequences=seqs, dp_size=1,
                            loss_scale_factor=config.loss_scale_factor)
         torch.testing.assert_close(loss, ref.loss, atol=1e-6, rtol=1e-5)

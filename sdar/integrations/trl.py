@@ -194,7 +194,7 @@ class SDARGRPOTrainer(GRPOTrainer):
         labels = input_ids[:, -logits_to_keep:]
         mask = attention_mask[:, -logits_to_keep:].bool()
         out = self._model_outputs(model, input_ids, attention_mask, logits_to_keep)
-        capture = self._sdar_capture if torch.is_grad_enabled() else None
+        capture = self._sdar_capture      # set only inside the loss step (train or eval)
         teacher = None if capture is None else capture.get("teacher_outputs")
         if self.sdar_config.distill in FULL_VOCAB:
             teacher = None      # the divergence term reads the teacher's outputs itself (_distill_term)

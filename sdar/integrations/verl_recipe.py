@@ -139,9 +139,11 @@ def main(argv=None):
     batch.batch["advantages"] = grpo_advantages(batch, tok)
     loss, reference, metrics = actor_update(model, batch, optimizer)              # 5
 
+    t = teacher_batch.batch
+    first_prompt = t["prompts"][0][t["attention_mask"][0, :t["prompts"].shape[1]].bool()]
     summary = {"loss": loss.item(), "sdar_loss": reference.item(),
                **{k: v.aggregate() for k, v in metrics.items() if k.startswith("sdar/")},
-               "teacher_prompt": tok.decode(teacher_batch.batch["prompts"][0][teacher_batch.batch["attention_mask"][0, :teacher_batch.batch["prompts"].shape[1]].bool()])}
+               "teacher_prompt": tok.decode(first_prompt)}
     print(json.dumps(summary, indent=1))
     if not torch.allclose(loss, reference, rtol=1e-5, atol=1e-7):
         raise SystemExit(f"verl's distillation_ppo_loss {loss.item()} != sdar_loss {reference.item()}")

@@ -1,11 +1,12 @@
 """Chunked torch row engine of ``token_logprobs``: the CPU / non-CUDA path (``backend="torch"``).
 
 It walks the rows in the same chunks as the ``sdar_loss`` torch path (``row_chunks``: about 16 MB of fp32
-logits each, never crossing a sequence of a sliced [B, T, V] view) and reuses its fp32 log-softmax and
-row-dot helpers, so the memory beyond the inputs is a few fp32 chunk temporaries, never [N, V].
+logits each, never crossing a sequence of a sliced [B, T, V] view) and reuses its fp32 log-softmax helper,
+so the memory beyond the inputs is two or three fp32 chunk temporaries, never [N, V].
 
-Forward keeps nothing per row but the outputs: the backward recomputes each chunk's log-softmax (one more
-streaming pass over the logits, cheap on a CPU) and writes, for upstream gradients g_lp and g_H,
+Forward keeps nothing per row but the outputs (H is the backward's one row statistic): the backward
+recomputes each chunk's log-softmax (one more streaming pass over the logits, cheap on a CPU) and
+writes, for upstream gradients g_lp and g_H,
 
     dL/dz[v] = (1/tau) * [ g_lp * (1{v=y} - p_v) - g_H * p_v * (log p_v + H) ]      (README.md)
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sdar_loss.torch_impl import _log_softmax_fp32, _RowDot, row_chunks, token_rows_slice
+from ..sdar_loss.torch_impl import _log_softmax_fp32, row_chunks, token_rows_slice
 
 F32 = torch.float32
 
@@ -56,8 +57,9 @@ def token_rows_forward(x):
         logp_all = _log_softmax_fp32(token_rows_slice(x.logits, sl), inv_tau)
         logprobs[sl] = torch.where(keep, logp_all.gather(1, y).squeeze(1), 0.0)
         if entropy is not None:
+            # p * log p in p's own buffer, then a pairwise row sum (error ~ log V ulps, as sdar_loss's)
             p = torch.exp(logp_all)
-            entropy[sl] = torch.where(keep, -_RowDot(p)(p, logp_all), 0.0)
+            entropy[sl] = torch.where(keep, -p.mul_(logp_all).sum(-1), 0.0)
             del p
         del logp_all
         if teacher is not None:
