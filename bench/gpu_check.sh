@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The single prepared GPU script (shared/design/GPU.md): GPU tests, headline benchmarks against every
+# The single prepared GPU script: GPU tests, headline benchmarks against every
 # baseline present, copy bandwidth, all into $OUT, in under 8 minutes. Run from the repository root on
 # the lent machine (see bench/README.md, "GPU"):
 #

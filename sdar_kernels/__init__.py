@@ -1,8 +1,8 @@
 """sdar-kernels: fused Triton kernels for SDAR (Self-Distilled Agentic Reinforcement Learning).
 
-Public API (shared/design/LOSS.md section 5): ``sdar_loss`` and its eager oracle
-``reference.sdar_loss_reference``; ``SDAROutput`` is what both return. ``token_logprobs`` is
-the per-token log-prob / entropy step with a fused backward, returning ``TokenStats``.
+Public API (docs/api.md): ``sdar_loss`` and its eager oracle
+``reference.sdar_loss_reference``; ``SDAROutput`` is what both return. ``token_logprobs`` is the
+per-token log-prob / entropy step with a fused backward, returning ``TokenStats``.
 """
 
 from . import reference

@@ -1,6 +1,6 @@
 """Fused-linear SDAR loss (hidden states + lm_head in) against the oracles and against ``sdar_loss``.
 
-Oracle rule (shared/design/CONVENTIONS.md): |ours - fp64 oracle| <= 2 * |eager - fp64 oracle| + atol, where
+Oracle rule: |ours - fp64 oracle| <= 2 * |eager - fp64 oracle| + atol, where
 eager = "matmul then loss" at the input dtype (logits = hidden @ W.T in that dtype, then the eager SDAR
 reference, autograd back to hidden / W / b) and the fp64 oracle = the SDAR reference in fp64 on the
 fp32-rounded exact logits, chained to hidden / W / b with fp64 matmuls. Random upstream gradients for
@@ -49,7 +49,7 @@ def make_case(shape, H, V, dtype=torch.float32, *, teacher="shared", bias=True, 
         case["teacher_weight"] = tw.to(dtype)
         case["teacher_bias"] = (torch.randn(V, generator=g) * 0.5).to(dtype)
     elif teacher == "logprobs":
-        case["teacher_logprobs"] = logp + torch.randn(tok, generator=g)
+        case["teacher_logprobs"] = (logp + torch.randn(tok, generator=g)).clamp(max=0.0)  # log-probs are <= 0
     if mask != "none":
         m = torch.rand(tok, generator=g) < 0.7
         m.reshape(-1)[-1] = True

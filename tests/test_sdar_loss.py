@@ -13,7 +13,7 @@ from helpers import DTYPES, assert_close_to_oracle, check_against_oracle, make_c
 from sdar_kernels import sdar_loss
 from sdar_kernels.reference import sdar_loss_reference
 
-# (id, make_case kwargs, sdar_loss options): one entry per option of LOSS.md section 2
+# (id, make_case kwargs, sdar_loss options): one entry per option of the per-token math (sdar_loss/README.md)
 OPTION_CASES = [
     ("sampled", {}, {"distill": "sampled"}),
     ("reinforce", {}, {"distill": "reinforce"}),

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import FLOAT_DTYPES, _check_labels_in_range, check_logits_and_labels, check_tensor, token_rows
+from .._checks import (FLOAT_DTYPES, check_logits_and_labels, check_tensor, check_token_values, mask_as_bool,
+                       token_rows)
 from ..sdar_loss.options import SDAROptions
 
 
@@ -54,9 +55,9 @@ def prepare_token_inputs(logits, labels, *, mask=None, temperature=1.0, entropy=
     if inplace_backward and logits.requires_grad:
         check_inplace_safe("logits", logits)
 
-    mask_bool = torch.ones(token_shape, dtype=torch.bool, device=device) if mask is None else mask != 0
+    mask_bool = mask_as_bool(mask, token_shape, device)
     labels_flat = labels.reshape(-1).to(torch.int64)
-    _check_labels_in_range(labels_flat, mask_bool.reshape(-1), V)
+    check_token_values(labels_flat, mask_bool.reshape(-1), V, mask_values=None if mask is None else mask.reshape(-1))
     return TokenInputs(
         logits=token_rows(logits), labels=labels_flat, mask=mask_bool.reshape(-1),
         teacher_logits=None if teacher_logits is None else token_rows(teacher_logits.detach()),

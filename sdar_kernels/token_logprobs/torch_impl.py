@@ -54,8 +54,12 @@ def token_rows_forward(x):
     teacher = torch.zeros(N, dtype=F32, device=dev) if x.teacher_logits is not None else None
     for sl in row_chunks(N, V, x.logits, x.teacher_logits):
         keep, y = x.mask[sl], _labels(x, sl)
-        logp_all = _log_softmax_fp32(token_rows_slice(x.logits, sl), inv_tau)
-        logprobs[sl] = torch.where(keep, logp_all.gather(1, y).squeeze(1), 0.0)
+        logp_all, logp = _log_softmax_fp32(token_rows_slice(x.logits, sl), inv_tau, y)
+        # an out-of-range label on an unmasked row (possible only where labels are not checked: CUDA, a
+        # compiled graph) poisons its row with NaN, as in sdar_loss
+        labels = x.labels[sl]
+        logp = torch.where((labels >= 0) & (labels < V), logp, float("nan"))
+        logprobs[sl] = torch.where(keep, logp, 0.0)
         if entropy is not None:
             # p * log p in p's own buffer, then a pairwise row sum (error ~ log V ulps, as sdar_loss's)
             p = torch.exp(logp_all)
@@ -63,8 +67,8 @@ def token_rows_forward(x):
             del p
         del logp_all
         if teacher is not None:
-            logq_all = _log_softmax_fp32(token_rows_slice(x.teacher_logits, sl), inv_tau)
-            teacher[sl] = torch.where(keep, logq_all.gather(1, y).squeeze(1), 0.0)
+            logq_all, logq = _log_softmax_fp32(token_rows_slice(x.teacher_logits, sl), inv_tau, y)
+            teacher[sl] = torch.where(keep, logq, 0.0)
             del logq_all
     return {"logprobs": logprobs, "entropy": entropy, "teacher_logprobs": teacher}
 
@@ -77,7 +81,7 @@ def token_rows_backward(x, grad_logprobs, grad_entropy, entropy, grad):
         keep, y = x.mask[sl], _labels(x, sl)
         g_lp = grad_logprobs[sl][:, None]
         # the chunk's log-probs are computed before its gradient is written: ``grad`` may alias the logits
-        logp_all = _log_softmax_fp32(token_rows_slice(x.logits, sl), inv_tau)
+        logp_all, _ = _log_softmax_fp32(token_rows_slice(x.logits, sl), inv_tau, y)
         p = torch.exp(logp_all)
         dst_chunk = token_rows_slice(grad, sl)
         dst = dst_chunk if dst_chunk.dtype == F32 else logp_all
