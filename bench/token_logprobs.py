@@ -13,8 +13,9 @@ and its backward (for random upstream gradients of both outputs, as a trainer's 
                config ``lp`` only, on CUDA (where liger-kernel is installed)
 
 Measured like bench/harness.py defines (median / p20 / p80 ms; peak memory over live inputs, each
-(case, provider) in a fresh process on CPU). Rows are appended to
-``bench/results/<device>_token_logprobs.csv`` (never overwritten).
+(case, provider) in a fresh process on CPU). Rows are appended (never overwritten) to
+``<results>/<device>_token_logprobs.csv``: ``bench/results/local/`` (git-ignored) by default, the tracked
+``bench/results/`` with ``--record``, as ``python -m bench`` does.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from . import harness
 
 RESULTS = os.path.join(harness.ROOT, "bench", "results")
+LOCAL_RESULTS = os.path.join(RESULTS, "local")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 MODES = ("fwd", "fwd_bwd")
 CONFIGS = {"lp+H": True, "lp": False}     # config name -> entropy on
@@ -201,7 +203,8 @@ def main(argv=None):
     ap.add_argument("--provider", action="append", choices=list(PROVIDERS))
     ap.add_argument("--budget", type=float, default=1.0, help="CPU: seconds of timed calls per mode")
     ap.add_argument("--no-csv", action="store_true")
-    ap.add_argument("--results", default=RESULTS)
+    ap.add_argument("--results", default=None, help="CSV folder (default bench/results/local/, git-ignored)")
+    ap.add_argument("--record", action="store_true", help="append to the tracked bench/results/ instead")
     ap.add_argument("--in-process", action="store_true", help="CPU: no fresh process per case (peaks mix)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # child: one case, JSON on stdout
     a = ap.parse_args(argv)
@@ -239,7 +242,8 @@ def main(argv=None):
               f"{r['ms_p20']:8.2f}-{r['ms_p80']:<8.2f} {r['peak_mb']:9.1f} "
               f"{r.get('speedup_vs_eager', 0):8.2f} {r.get('mem_ratio_vs_eager') or 0:6.2f}")
     if not a.no_csv:
-        harness.append_csv(rows, os.path.join(a.results, f"{harness.device_slug(device)}_token_logprobs.csv"))
+        folder = a.results or (RESULTS if a.record else LOCAL_RESULTS)
+        harness.append_csv(rows, os.path.join(folder, f"{harness.device_slug(device)}_token_logprobs.csv"))
     return 0
 
 
