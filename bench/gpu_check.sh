@@ -56,4 +56,8 @@ step 210 "bench $SET" python3 -m bench --set "$SET" --results "$OUT" --jsonl "$O
   --provider eager --provider compile \
   --case 'sdar_loss:qwen3:N8k-V151936:bf16:official' --case 'linear_sdar_loss:qwen3:N8k-V151936-H4096:bf16:official'
 
+# 4. The bound model's predictions (bench/model.py, from the committed sm_90a kernel report) next to the
+#    measured sdar-triton rows of this run, for csrc_notes/perf.md.
+step 30 "model vs measured" python3 -m bench.model --measured "$OUT/progress.jsonl"
+
 log "done; files: $(ls "$OUT" | tr '\n' ' ')"

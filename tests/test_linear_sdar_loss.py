@@ -254,7 +254,7 @@ def test_masked_rows_nonfinite_hidden(small_chunks, monkeypatch, compact, dt):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
 def test_cuda_gemm_path_emulated(small_chunks, monkeypatch, reduction, dt):
-    """The CUDA GEMM path (low-precision operands, fp32-output GEMMs, G cast to the weight dtype for the
+    """The CUDA GEMM path (low-precision operands, fp32-output GEMMs, G written in the weight dtype for the
     gradient GEMMs, masked rows not compacted) run on CPU, with the fp32-output GEMM emulated exactly."""
     calls = []
 

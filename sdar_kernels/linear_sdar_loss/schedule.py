@@ -4,7 +4,8 @@ For each chunk of C token rows:
   1. z_S = h @ W.T (+ b) in fp32 [C, V]; z_T = h_T @ W_T.T (+ b_T) in fp32 unless the teacher is given
      as log-probs (then no teacher matmul at all);
   2. the row engine (Triton or torch, the same ones ``sdar_loss`` uses) computes the per-token terms and,
-     when asked, overwrites z_S with w_t * dl_t/dz_S (in place);
+     when asked, writes G = w_t * dl_t/dz_S: over z_S in place (fp32 GEMMs), or straight into a [C, V]
+     buffer in the weight's dtype (bf16 / fp16 GEMMs on CUDA);
   3. grad_hidden[chunk] = g @ W ; grad_W += g.T @ h ; grad_b += g.sum(0)   (chunks in order).
 Nothing of size [N, V] is ever allocated: the live extra memory is one chunk's buffers (chunking.py).
 
@@ -137,7 +138,9 @@ def _run_chunks(plan: Plan, weights: torch.Tensor, *, grad_hidden=None, grad_wei
         z = plan.head.logits(h)
         zt = None if plan.teacher_head is None else plan.teacher_head.logits(_take(th_all, sel))
         xc = _chunk_inputs(plan, sel, z, zt, _take(weights, sel))
-        grad = z if want_grad else None          # the engine overwrites the logits with the gradient
+        # the engine writes the gradient straight in the dtype the gradient GEMMs take: over the fp32 logits
+        # in place, or (bf16 / fp16 GEMMs on CUDA) into its own buffer: no fp32 gradient and cast pass
+        grad = plan.head.grad_buffer(z) if want_grad else None
         if backward:
             plan.rows.backward(xc, xc.weights, grad, _take(stats, sel))
         else:
@@ -151,7 +154,7 @@ def _run_chunks(plan: Plan, weights: torch.Tensor, *, grad_hidden=None, grad_wei
         del zt, xc
         if not want_grad:
             continue
-        g_op = plan.head.grad_operand(z)
+        g_op = grad
         if grad_hidden is not None:
             if isinstance(sel, slice):
                 plan.head.grad_input(g_op, grad_hidden[sel])
@@ -162,6 +165,6 @@ def _run_chunks(plan: Plan, weights: torch.Tensor, *, grad_hidden=None, grad_wei
         if grad_weight is not None:
             plan.head.accumulate_grad_weight(grad_weight, g_op, h)
         if grad_bias is not None:
-            grad_bias.add_(z.sum(0))
-        del g_op, z
+            grad_bias.add_(g_op.sum(0, dtype=F32))
+        del g_op, grad, z
     return out, saved

@@ -71,17 +71,22 @@ def sdar_rows_torch(x, weights, grad=None):
     """
     N, V = x.labels.shape[0], x.logits.shape[-1]
     out = {k: torch.zeros(N, dtype=torch.float32, device=x.logits.device) for k in PER_TOKEN_FIELDS}
-    rows = max(1, min(N, CHUNK_ELEMENTS // max(V, 1)))
     run = chunk_function(x, grad)
-    # [B, T, V] logits without a flat view (sliced along T) are walked sequence by sequence
-    per_seq = next((t.shape[1] for t in (x.logits, x.teacher_logits) if t is not None and t.dim() == 3), N)
+    for sl in row_chunks(N, V, x.logits, x.teacher_logits):
+        terms = run(*_chunk_args(x, sl, weights, grad))
+        for k, v in zip(PER_TOKEN_FIELDS, terms):
+            out[k][sl] = v
+    return out
+
+
+def row_chunks(N, V, *tensors):
+    """Row slices of about ``CHUNK_ELEMENTS`` logits each. [B, T, V] tensors without a flat view (sliced
+    along T) are walked sequence by sequence, so a slice never crosses a sequence (``token_rows_slice``)."""
+    rows = max(1, min(N, CHUNK_ELEMENTS // max(V, 1)))
+    per_seq = next((t.shape[1] for t in tensors if t is not None and t.dim() == 3), N)
     for s0 in range(0, N, max(per_seq, 1)):
         for r0 in range(s0, min(N, s0 + per_seq), rows):
-            sl = slice(r0, min(s0 + per_seq, r0 + rows))
-            terms = run(*_chunk_args(x, sl, weights, grad))
-            for k, v in zip(PER_TOKEN_FIELDS, terms):
-                out[k][sl] = v
-    return out
+            yield slice(r0, min(s0 + per_seq, r0 + rows))
 
 
 def chunk_function(x, grad):
@@ -95,7 +100,7 @@ def chunk_function(x, grad):
 
 def _chunk_args(x, sl, weights, grad):
     """The positional arguments of ``chunk_terms`` for rows ``sl``."""
-    logits = _token_rows(x.logits, sl)
+    logits = token_rows_slice(x.logits, sl)
 
     def side(t):
         return None if t is None else t[sl]
@@ -105,13 +110,13 @@ def _chunk_args(x, sl, weights, grad):
     elif grad is x.logits:
         grad_rows = logits   # the gradient overwrites the logits (in-place schedules): one object, read first
     else:
-        grad_rows = _token_rows(grad, sl)
-    teacher = None if x.teacher_logits is None else _token_rows(x.teacher_logits, sl)
+        grad_rows = token_rows_slice(grad, sl)
+    teacher = None if x.teacher_logits is None else token_rows_slice(x.teacher_logits, sl)
     return (logits, teacher, x.labels[sl], x.mask[sl], weights[sl], side(x.teacher_logprobs),
             side(x.advantages), side(x.old_logprobs), side(x.ref_logprobs), grad_rows)
 
 
-def _token_rows(t, sl):
+def token_rows_slice(t, sl):
     """Rows ``sl`` (never crossing a sequence) of an [N, V] or [B, T, V] tensor, as an [n, V] view."""
     if t.dim() == 2:
         return t[sl]
