@@ -134,7 +134,7 @@ def merge_rounds(rows):
             merged.append(bad[0])
             continue
         row = dict(group[0])
-        for k in ("ms", "ms_p20", "ms_p80", "first_ms", "peak_bytes"):
+        for k in ("ms", "ms_p20", "ms_p80", "cpu_ms", "first_ms", "peak_bytes"):
             values = [r[k] for r in group if r.get(k) is not None]
             if values:
                 row[k] = statistics.median(values)
@@ -175,7 +175,7 @@ def _f(v, fmt):
 
 
 def format_table(rows, markdown=False):
-    hdr = ["case", "mode", "provider", "ms", "p20-p80", "first call s", "peak MB", "GB/s", "% copy BW", "TFLOP/s",
+    hdr = ["case", "mode", "provider", "ms", "p20-p80", "cpu ms", "first call s", "peak MB", "GB/s", "% copy BW", "TFLOP/s",
            "speed x eager", "mem x eager", "note"]
     lines = []
     for r in rows:
@@ -183,7 +183,8 @@ def format_table(rows, markdown=False):
         ms = _f(r.get("ms"), ".2f") if ok else r["status"].upper()
         spread = f"{r['ms_p20']:.2f}-{r['ms_p80']:.2f}" if ok and r.get("ms_p20") is not None else ""
         first = _f(r["first_ms"] / 1e3, ".2f") if ok and r.get("first_ms") not in (None, "") else ""
-        lines.append([r["case"], r["mode"], r["provider"], ms, spread, first, _f(r.get("peak_mb"), ".0f"),
+        cpu = _f(r.get("cpu_ms") or None, ".2f") if ok else ""
+        lines.append([r["case"], r["mode"], r["provider"], ms, spread, cpu, first, _f(r.get("peak_mb"), ".0f"),
                       _f(r.get("gbps"), ".1f"), _f(r.get("pct_copy_bw"), ".1f"), _f(r.get("tflops") or None, ".2f"),
                       _f(r.get("speedup_vs_eager"), ".2f"), _f(r.get("mem_ratio_vs_eager"), ".2f"),
                       "" if ok else r.get("note", "")])

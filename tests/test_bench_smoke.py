@@ -70,7 +70,7 @@ def test_csv_is_appended_never_overwritten(tmp_path):
 
 def test_csv_from_before_a_new_column_gets_it(tmp_path):
     path = str(tmp_path / "dev.csv")
-    old = harness.CSV_COLUMNS[:-1]   # first_ms came last
+    old = harness.CSV_COLUMNS[:harness.CSV_COLUMNS.index("first_ms")]   # the header before first_ms, cpu_ms
     with open(path, "w") as f:
         f.write(",".join(old) + "\n" + ",".join("x" if c == "provider" else "" for c in old) + "\n")
     harness.append_csv([dict(provider="b", first_ms=5.0)], path)

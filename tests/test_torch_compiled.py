@@ -171,6 +171,25 @@ def test_inductor_official_configuration(reduction, monkeypatch, fresh_cache):
     torch.testing.assert_close(grad, grad_eager, rtol=1e-5, atol=1e-9, equal_nan=True)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_compiled_call_needs_the_gradient_buffer_only():
+    """Extra peak memory of a compiled fwd+bwd (N=1024, V=32000, fp32, official configuration; above the
+    default size threshold) in a fresh process, measured by the benchmark harness after the first call
+    (the compile): the gradient buffer (125 MiB) and [n]-sized chunk outputs, within 1.5 gradient
+    buffers. The child turns a compile failure (which would fall back to eager) into an error."""
+    import json
+    env = {k: v for k, v in os.environ.items() if k != compiled.ENV}
+    p = subprocess.run([sys.executable, "-W", "error:sdar_kernels:RuntimeWarning", "-m", "bench._case", "--case",
+                        "sdar_loss:tiny:N1k-V32000:fp32:official", "--provider", "sdar-torch", "--modes", "fwd_bwd",
+                        "--budget", "0"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=dict(env, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    (r,) = json.loads(p.stdout.strip().splitlines()[-1])
+    grad_bytes = 1024 * 32000 * 4
+    assert r["status"] == "ok", r
+    assert grad_bytes <= r["peak_bytes"] <= 1.5 * grad_bytes, f"{r['peak_bytes'] / 2**20:.0f} MiB"
+
+
 @pytest.mark.slow
 def test_torch_tests_compiled():
     """Every torch test of the fuzz, limits, strided-input and case-table files through inductor."""
