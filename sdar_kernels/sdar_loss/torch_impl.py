@@ -24,7 +24,7 @@ from .. import compiled
 from . import torch_fused
 from .output import PER_TOKEN_FIELDS
 from .token_terms import token_terms
-from .torch_common import LOG_FLOOR, label_logprob, per_token_outputs
+from .torch_common import LOG_FLOOR, label_logprob, per_token_outputs, zero_masked_rows_
 
 # ~4M fp32 elements (16 MB) per chunk temporary; at most ~5 live at once (eager formulation).
 CHUNK_ELEMENTS = 1 << 22
@@ -173,7 +173,7 @@ def chunk_terms(logits, teacher_logits, labels, keep, w, teacher_logprobs, advan
             dst.add_(div_grad.mul_(t.distill_scale(w, o.distill_coef)[:, None]))
         if inv_tau != 1.0:
             dst.mul_(inv_tau)
-        dst.masked_fill_(~keep[:, None], 0.0)  # exact zeros on masked rows, whatever their logits held
+        zero_masked_rows_(dst, keep)
         if dst is not grad:
             grad.copy_(dst)
 
