@@ -12,8 +12,9 @@ seconds per graph (tens with a cold on-disk inductor cache), so:
 - ``cached(fn, device=..., key=..., **constants)``: ``fn`` compiled once per process and key, with
   ``constants`` bound to its keyword-only parameters. Every chunk shape shares the graph (dynamic shapes);
   each key compiles its own copy of the function's code, so keys never count against each other in
-  dynamo's recompile limit; a call with a dimension of size 0 or 1 (a one-row tail chunk) runs eagerly,
-  since dynamic shapes specialise those sizes and it would cost a second compile;
+  dynamo's recompile limit (as does each variant of inference mode / inference tensors); a call with a
+  dimension of size 0 or 1 (a one-row tail chunk) runs eagerly, since dynamic shapes specialise those
+  sizes and it would cost a second compile;
 - ``maybe_compiled(fn, device=..., elements=..., key=..., **constants)``: ``cached`` where ``wanted``,
   else ``fn`` with the constants bound.
 Callers pass tensors positionally (dicts of tensors allowed) and put everything structural (dtypes,
@@ -97,46 +98,59 @@ def _own_code_copy(fn, constants):
 
 
 class _Compiled:
-    """One compiled copy of a function. If compiling fails it warns once, runs this call eagerly and
-    turns compiling off for the rest of the process (``wanted`` is False from then on)."""
+    """Compiled copies of one function with its constants: one per *variant* of the call, i.e. whether
+    inference mode is on and which tensor arguments are inference tensors (dynamo guards on their
+    dispatch keys: a teacher computed under ``torch.inference_mode()`` next to ordinary student logits
+    would otherwise recompile the graph). If compiling fails it warns once, runs this call eagerly and
+    turns compiling off for the rest of the process (``wanted`` is False from then on). Calls run under
+    ``no_grad``, with tensors that do not require grad (the caller detaches them)."""
 
     def __init__(self, fn, constants):
+        self.fn, self.constants = fn, constants
         self.eager = functools.partial(fn, **constants)
-        self.compiled = torch.compile(_own_code_copy(fn, constants), backend=BACKEND, dynamic=True, fullgraph=True)
-        self.ready = False      # compiled and run once
+        self.variants = {}      # variant -> compiled function that has run once
         self.failed = False
 
+    @property
+    def ready(self):
+        """Whether a compiled copy has run (tests)."""
+        return bool(self.variants) and not self.failed
+
     def __call__(self, *args):
-        if self.failed or _has_size_0_or_1(args):
+        tensors = list(_tensors(args))
+        if self.failed or any(size < 2 for t in tensors for size in t.shape):
             return self.eager(*args)
-        if self.ready:
+        variant = (torch.is_inference_mode_enabled(), *(t.is_inference() for t in tensors))
+        compiled = self.variants.get(variant)
+        if compiled is not None:
             with torch.no_grad():
-                return self.compiled(*args)
+                return compiled(*args)
+        compiled = torch.compile(_own_code_copy(self.fn, self.constants), backend=BACKEND, dynamic=True,
+                                 fullgraph=True)
         try:
             # the constants are fixed per copy: float ones are specialised (traced as constants) instead
             # of lifted to graph inputs, which would cost dynamo a second tracing pass
             with torch.no_grad(), torch._dynamo.config.patch(specialize_float=True):
-                out = self.compiled(*args)
+                out = compiled(*args)
         except Exception as e:  # compile-time failure: no C++ compiler, an unsupported device or op
             global _BROKEN
             self.failed = _BROKEN = True
             cause = getattr(e, "inner_exception", None) or e   # dynamo wraps the backend's error
             message = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
-            warnings.warn(f"sdar_kernels: torch.compile of {self.eager.func.__qualname__} failed "
+            warnings.warn(f"sdar_kernels: torch.compile of {self.fn.__qualname__} failed "
                           f"({type(cause).__name__}: {message}); running eagerly from now on (set {ENV}=0 to "
                           f"skip compiling)", RuntimeWarning, stacklevel=2)
             return self.eager(*args)
-        self.ready = True
+        self.variants[variant] = compiled
         return out
 
 
-def _has_size_0_or_1(args):
-    """Whether a tensor argument (or a tensor in a dict argument) has a dimension of size 0 or 1."""
+def _tensors(args):
+    """The tensor arguments, and the tensors of dict arguments, in order."""
     for a in args:
         for t in (a.values() if isinstance(a, dict) else (a,)):
-            if isinstance(t, torch.Tensor) and any(size < 2 for size in t.shape):
-                return True
-    return False
+            if isinstance(t, torch.Tensor):
+                yield t
 
 
 def clear_cache():

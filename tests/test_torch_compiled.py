@@ -123,6 +123,26 @@ def test_large_cpu_calls_take_the_fused_path(counting_backend, monkeypatch):
     torch.testing.assert_close(grad, grad_eager, rtol=1e-5, atol=1e-9)
 
 
+def test_inference_tensors_and_grad_mode_cost_no_recompile(counting_backend, monkeypatch):
+    """A teacher made under inference_mode, a call under inference_mode, no_grad, a differentiable call
+    and the in-place backward: each compiled copy traces exactly one graph (no dynamo recompiles)."""
+    monkeypatch.setenv(compiled.ENV, "1")
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(8, 50, generator=g), torch.randn(8, 50, generator=g), torch.randint(0, 50, (8,), generator=g)
+    with torch.inference_mode():
+        first = sdar_loss(x, y, teacher_logits=t, backend="torch").loss
+        t_inference = t.clone()
+    with torch.no_grad():
+        sdar_loss(x, y, teacher_logits=t, backend="torch")
+    assert sdar_loss(x, y, teacher_logits=t_inference, backend="torch").loss == first
+    logits = x.clone().requires_grad_(True)
+    sdar_loss(logits, y, teacher_logits=t_inference, backend="torch").loss.backward()
+    inplace = x.clone().requires_grad_(True) * 1.0
+    sdar_loss(inplace, y, teacher_logits=t, backend="torch", inplace_backward=True, reduction="none").loss.sum().backward()
+    copies = sum(len(entry.variants) for entry in compiled._CACHE.values())
+    assert len(counting_backend) == copies >= 4
+
+
 # ---- the fused formulation's math, eagerly ------------------------------------------------------------
 def _pytest(args, env=None, timeout=1800):
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=ROOT,
@@ -193,7 +213,7 @@ def test_compiled_call_needs_the_gradient_buffer_only():
 @pytest.mark.slow
 def test_torch_tests_compiled():
     """Every torch test of the fuzz, limits, strided-input and case-table files through inductor."""
-    _pytest([*TORCH_TESTS, "tests/test_sdar_loss.py", "-k", "not triton", "-W", "error::RuntimeWarning"],
+    _pytest([*TORCH_TESTS, "tests/test_sdar_loss.py", "-k", "not triton", "-W", "error:sdar_kernels:RuntimeWarning"],
             env={compiled.ENV: "1"}, timeout=5400)
 
 

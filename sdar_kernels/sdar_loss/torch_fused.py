@@ -59,6 +59,11 @@ def chunk_terms(logits, teacher_logits, labels, keep, w, teacher_logprobs, advan
     stats_fn = stats_fn or functools.partial(row_statistics, divergence=divergence)
     gradient_fn = gradient_fn or functools.partial(row_gradient, divergence=divergence)
     device = logits.device
+    # the op hands over the logits that require grad; the compiled passes see detached views (dynamo
+    # guards on requires_grad), the same object for both when the gradient overwrites the logits
+    in_place = grad is logits
+    logits = logits.detach()
+    grad = logits if in_place else grad
     inv_tau = torch.tensor(1.0 / o.temperature, dtype=torch.float32, device=device)
     beta = torch.tensor(o.jsd_beta, dtype=torch.float32, device=device)
     s = stats_fn(logits, teacher_logits, labels, inv_tau, beta)
