@@ -267,8 +267,8 @@ def main(argv=None):
           f"liger {env['liger'] or '-'} | git {env['git_sha']} | set {set_name}"
           + (f" | load avg {load:.2f}" if load is not None else ""))
     if device == "cpu":
-        print("CPU timing: wall clock, median of >= 3 calls after a warm-up; peak = extra RSS over the inputs, "
-              "fresh process per case")
+        print("CPU timing: wall clock and process CPU time, median of >= 3 calls after the first call (timed apart); "
+              "peak = extra RSS over the inputs, fresh process per case")
 
     failed = False
     if not a.no_check:
