@@ -82,16 +82,31 @@ def test_cli_prints_table_csv_and_plots(tmp_path, capsys):
     assert importlib.util.find_spec("matplotlib") is None or any(f.endswith(".png") for f in files)
 
 
-def test_kernel_report_compiles_for_sm90_without_gpu():
+def _kernel_report(only):
+    """stdout of ``python -m bench.kernel_report --only ONLY`` (a fresh process without the interpreter),
+    which must exit 0 (every selected variant compiled, none marked as a regression)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-m", "bench.kernel_report", "--only", "qwen3 N8k bf16 official fwd+grad]"],
+    p = subprocess.run([sys.executable, "-m", "bench.kernel_report", "--only", only],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if "cuobjdump not found" in p.stdout + p.stderr:
         pytest.skip("no cuobjdump in this triton wheel")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "no Triton kernels" not in p.stdout, "the registry must build the sdar_loss variants"
-    assert "local (spill) 0 B" in p.stdout and "LDG.E.128" in p.stdout, p.stdout
+    return p.stdout
+
+
+def test_kernel_report_compiles_for_sm90_without_gpu():
+    out = _kernel_report("qwen3 N8k bf16 official fwd+grad]")
+    assert "no Triton kernels" not in out, "the registry must build the sdar_loss variants"
+    assert "local (spill) 0 B" in out and "LDG.E.128" in out, out
+
+
+def test_kernel_report_linear_logprobs_on_tensor_cores_without_spills():
+    """The logits-free log-prob kernel's main loop compiles to HGMMA (wgmma) with 16-byte cp.async loads
+    and no register spills (the report marks a variant without tensor-core instructions, or with LDL/STL,
+    as a regression and exits 1)."""
+    out = _kernel_report("partials_kernel [N8k bf16 logp+lse]")
+    assert "HGMMA" in out and "LDGSTS.E.BYPASS.128" in out and "local (spill) 0 B" in out, out
 
 
 def test_providers_are_named_as_documented():
