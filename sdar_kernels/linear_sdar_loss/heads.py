@@ -98,6 +98,13 @@ class Head:
             z.add_(self.bias)
         return z
 
+    def label_logprobs(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, temperature: float):
+        """(log p(label), lse) [N] fp32 of the rows ``h`` [N, H] without any [N, V] or [C, V] logits: one
+        fused GEMM + online log-sum-exp pass (logprob_launch.py; CUDA, or the interpreter on CPU)."""
+        from .logprob_launch import linear_logprobs   # imports triton: only where Triton runs
+        out = linear_logprobs(h, self.weight, labels, bias=self.bias, mask=mask, temperature=temperature)
+        return out.logprobs, out.lse
+
     def grad_operand(self, g: torch.Tensor) -> torch.Tensor:
         """The backward GEMMs' left operand: g itself, or its copy in the weight dtype (CUDA bf16/fp16)."""
         return g.to(self.dtype) if self.low_precision_grad_copy else g
