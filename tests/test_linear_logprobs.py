@@ -179,3 +179,21 @@ def test_bad_input_names_the_argument(change, match):
 def test_bad_temperature(tau):
     with pytest.raises(ValueError, match="temperature"):
         linear_logprobs(**make(5, 8, 11, torch.float32), temperature=tau)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [40, 1000])
+def test_cuda_default_launch_against_fp32_logits(N):
+    """Tensor-core tiles at a model-like vocabulary (CUDA only), and no host sync in the launch."""
+    case = {k: (v.cuda() if v is not None else None) for k, v in make(N, 512, 50257, torch.bfloat16).items()}
+    linear_logprobs(**case, entropy=True)            # compile
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = linear_logprobs(**case, entropy=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    oracle = reference({k: (v.cpu() if v is not None else None) for k, v in case.items()}, 1.0, torch.float64)
+    eager = reference(case, 1.0, torch.float32)
+    for got, o, e, name in zip(out, oracle, eager, ("logprobs", "lse", "entropy")):
+        assert_close_to_oracle(got, o, e, name, atol=1e-5)
