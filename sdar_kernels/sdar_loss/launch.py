@@ -143,15 +143,17 @@ class _Launch:
         return (self.inv_tau, o.gate_beta, o.distill_coef, o.jsd_beta, o.clip_low, o.clip_high,
                 o.clip_ratio_c if o.clip_ratio_c is not None else 0.0, o.kl_coef, o.entropy_coef)
 
-    def gradient(self, weights, stats):
-        """sdar_grad_kernel over (N, S): the gradient from stored row statistics and weights w_t."""
+    def gradient(self, weights, stats, entropy_rows=None):
+        """sdar_grad_kernel over (N, S): the gradient from stored row statistics and weights w_t (and, per
+        row, the entropy term's weight: ``entropy_rows`` [N], times entropy_coef)."""
         o, P = self.x.options, self.plan
         sdar_grad_kernel[(self.N, P.splits)](
             self.grad, self.x.logits, self.teacher, self.x.labels, self.mask, weights, stats,
+            entropy_rows if entropy_rows is not None else weights,
             *self.in_strides, *self.grad_strides, self.t_rows, self.V, P.v_split,
             self.k_scale, self.inv_tau, o.distill_coef, o.jsd_beta, self.log2_b, self.log2_1mb, o.entropy_coef,
             BLOCK_R=P.block_r, VEC=P.vec, HAS_ENTROPY=o.entropy_coef != 0.0, DISTILL=self.distill,
-            num_warps=P.warps,
+            ENT_PER_ROW=entropy_rows is not None, num_warps=P.warps,
         )
 
 
@@ -221,11 +223,11 @@ def _vocabulary_splits(L, out, stats):
     finish(2, jsd_part)
 
 
-def sdar_rows_triton_grad(x, weights, grad, stats):
+def sdar_rows_triton_grad(x, weights, grad, stats, entropy_rows=None):
     """Backward of the two-phase schedules: one pass writing w_t * dl_t/dz from the saved statistics."""
     if x.labels.shape[0] == 0:
         return
-    _Launch(x, grad).gradient(weights, stats)
+    _Launch(x, grad).gradient(weights, stats, entropy_rows)
 
 
 SCALE_BLOCK = 4096

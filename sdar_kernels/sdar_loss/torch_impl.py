@@ -150,7 +150,9 @@ def _chunk(x, sl, w, grad):
     return dict(loss=t.loss, logprobs=torch.where(keep, logp, 0.0), entropy=torch.where(keep, entropy, 0.0),
                 gate=t.gate, gap=t.gap, distill=t.distill, pg=t.pg, clipped=t.clipped,
                 clipped_lower=t.clipped_lower, ppo_kl=t.ppo_kl, kl=t.kl,
-                nonfinite=(nonfinite & keep).to(torch.float32))
+                nonfinite=(nonfinite & keep).to(torch.float32),
+                logp_teacher=torch.where(keep, logp_teacher, 0.0) if logp_teacher is not None
+                else torch.zeros_like(logp))
 
 
 def _divergence(o, logp_all, p, logq_all, entropy, rowdot, want_grad):
