@@ -63,7 +63,7 @@ class Plan:
             yield sl if self.active is None else self.active[sl]
 
 
-def make_plan(inputs, rows) -> Plan:
+def make_plan(inputs, rows, vocab_parallel=False) -> Plan:
     x = inputs.x
     head = Head(inputs.weight, inputs.bias)
     teacher_head = None
@@ -80,7 +80,9 @@ def make_plan(inputs, rows) -> Plan:
     N, H = inputs.hidden.shape
     V = inputs.weight.shape[0]
     n = N if active is None else active.numel()
-    label_only = teacher_head is not None and not x.options.full_vocab_distill and rows.name == "triton"
+    # the logits-free teacher pass needs the whole vocabulary on this rank
+    label_only = (teacher_head is not None and not x.options.full_vocab_distill and rows.name == "triton"
+                  and not vocab_parallel)
     chunk = chunk_rows(n, V, H, device_type=inputs.hidden.device.type,
                        teacher_logits=teacher_head is not None and not label_only,
                        low_precision_grad_copy=head.low_precision_grad_copy)
@@ -109,6 +111,21 @@ def _chunk_inputs(plan, sel, z_student, z_teacher, weights, teacher_logprobs):
         advantages=_take(x.advantages, sel), old_logprobs=_take(x.old_logprobs, sel),
         ref_logprobs=_take(x.ref_logprobs, sel), token_shape=torch.Size([z_student.shape[0]]),
     )
+
+
+def accumulate_grads(plan, sel, g, h, grad_hidden, grad_weight, grad_bias):
+    """The gradient GEMMs of one chunk: grad_hidden[sel] = g @ W, grad_W += g.T @ h, grad_b += g.sum(0)."""
+    if grad_hidden is not None:
+        if isinstance(sel, slice):
+            plan.head.grad_input(g, grad_hidden[sel])
+        else:
+            tmp = torch.empty(h.shape, dtype=grad_hidden.dtype, device=h.device)
+            plan.head.grad_input(g, tmp)
+            grad_hidden.index_copy_(0, sel, tmp)
+    if grad_weight is not None:
+        plan.head.accumulate_grad_weight(grad_weight, g, h)
+    if grad_bias is not None:
+        grad_bias.add_(g.sum(0, dtype=F32))
 
 
 def run_chunks(plan: Plan, weights: torch.Tensor, **kwargs):
@@ -171,19 +188,8 @@ def _run_chunks(plan: Plan, weights: torch.Tensor, *, grad_hidden=None, grad_wei
         del zt, xc
         if not want_grad:
             continue
-        g_op = grad
-        if grad_hidden is not None:
-            if isinstance(sel, slice):
-                plan.head.grad_input(g_op, grad_hidden[sel])
-            else:
-                tmp = torch.empty(h.shape, dtype=grad_hidden.dtype, device=h.device)
-                plan.head.grad_input(g_op, tmp)
-                grad_hidden.index_copy_(0, sel, tmp)
-        if grad_weight is not None:
-            plan.head.accumulate_grad_weight(grad_weight, g_op, h)
-        if grad_bias is not None:
-            grad_bias.add_(g_op.sum(0, dtype=F32))
-        del g_op, grad, z
+        accumulate_grads(plan, sel, grad, h, grad_hidden, grad_weight, grad_bias)
+        del grad, z
     if teacher_nonfinite is not None:
         out["nonfinite"] = torch.maximum(out["nonfinite"], teacher_nonfinite)
     return out, saved

@@ -303,11 +303,14 @@ def sdar_grad_kernel(
         ent_w = w * entropy_coef
         if ENT_PER_ROW:
             ent_w = ent_w * tl.load(ent_rows_ptr + row)
-        y, y_ok = _label(labels_ptr, row, V)
+        # a label outside [0, V) matches no column (-1): a row with a bad label is already NaN in its
+        # statistics, and a vocabulary shard that does not hold the label must not get the label's term
+        y = tl.load(labels_ptr + row)
+        y = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)
         st = stats_ptr + row * _NUM_STATS
         gradient_row(grad_row, row_pointer(logits_ptr, row, seq_len, stride_logits_b, stride_logits_t) + v0,
                      row_pointer(teacher_ptr, row, seq_len, stride_teacher_b, stride_teacher_t) + v0, width,
-                     y - v0, k_scale, inv_tau,
+                     tl.where(y >= 0, y - v0, -1), k_scale, inv_tau,
                      tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3), tl.load(st + 4),
                      tl.load(st + 5), tl.load(st + 6),
                      w * tl.load(st + 7), ent_w, w * distill_coef * tl.load(st + 8),

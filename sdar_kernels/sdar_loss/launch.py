@@ -223,6 +223,37 @@ def _vocabulary_splits(L, out, stats):
     finish(2, jsd_part)
 
 
+def partials_triton(x):
+    """[N, 7] partial statistics of each row of ``x``'s logits (one vocabulary shard), masked rows the
+    identity (max -1e30, sums 0): partial_kernel with one stretch per row."""
+    from .passes import NEG_BIG
+    N = x.labels.shape[0]
+    part = torch.zeros(N, 1, NUM_PARTIALS, dtype=torch.float32, device=x.logits.device)
+    part[..., 0] = NEG_BIG.value
+    part[..., 3] = NEG_BIG.value
+    if N > 0:
+        L = _Launch(x, None)
+        P = L.plan
+        partial_kernel[(N, 1)](
+            part, x.logits, L.teacher, L.mask, *L.in_strides, L.t_rows, L.V, L.V, L.k_scale,
+            BLOCK_R=P.block_r, VEC=P.vec, HAS_TEACHER_LOGITS=x.teacher_logits is not None, DISTILL=L.distill,
+            num_warps=P.warps)
+    return part.view(N, NUM_PARTIALS)
+
+
+def jsd_partials_triton(x, stats):
+    """[N, 2] jsd row sums (base 2) of each row's logits from the normalizers in ``stats`` [N, 9]."""
+    N = x.labels.shape[0]
+    out = torch.zeros(N, 1, 2, dtype=torch.float32, device=x.logits.device)
+    if N > 0:
+        L = _Launch(x, None)
+        P = L.plan
+        jsd_partial_kernel[(N, 1)](
+            out, x.logits, L.teacher, L.mask, stats, *L.in_strides, L.t_rows, L.V, L.V, L.k_scale,
+            L.log2_b, L.log2_1mb, BLOCK_R=P.block_r, VEC=P.vec, num_warps=P.warps)
+    return out.view(N, 2)
+
+
 def sdar_rows_triton_grad(x, weights, grad, stats, entropy_rows=None):
     """Backward of the two-phase schedules: one pass writing w_t * dl_t/dz from the saved statistics."""
     if x.labels.shape[0] == 0:

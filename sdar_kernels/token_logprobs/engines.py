@@ -66,6 +66,28 @@ class TritonTokenRows:
 TOKEN_ENGINES = {"torch": TorchTokenRows, "triton": TritonTokenRows}
 
 
+def vocab_parallel_forward(x, engine, group, offset):
+    """token_logprobs of a vocabulary shard (either engine): sdar_loss's vocabulary-parallel rows with no
+    loss term. Returns (outputs as the engines return them, the whole row's [N, 9] statistics)."""
+    from ..sdar_loss.engines import ENGINES
+    from ..sdar_loss.vocab_parallel import vocab_parallel_rows
+    per_token, stats = vocab_parallel_rows(_as_sdar_inputs(x), ENGINES[engine], group, offset)
+    return {"logprobs": per_token["logprobs"],
+            "entropy": per_token["entropy"] if x.entropy else None,
+            "teacher_logprobs": per_token["logp_teacher"] if x.teacher_logits is not None else None}, stats
+
+
+def vocab_parallel_backward(x, engine, grad_logprobs, grad_entropy, stats, grad, offset):
+    """The shard's gradient from the whole row's statistics: c_t = g_lp, entropy weight -g_H per row."""
+    from ..sdar_loss.engines import ENGINES
+    xs = _as_sdar_inputs(x, entropy_coef=1.0 if grad_entropy is not None else 0.0)
+    rows = stats.clone()
+    rows[:, 7] = grad_logprobs
+    rows[:, 8] = 0.0
+    ENGINES[engine].grad_from_stats(xs, xs.weights, grad, rows, offset,
+                                    None if grad_entropy is None else -grad_entropy)
+
+
 def pick_token_engine(backend: str, tensor) -> str:
     """The engine name for ``backend`` and the device of ``tensor`` (as sdar_loss picks it)."""
     return pick_engine(backend, tensor)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .._tp import vocab_shard
 from ..sdar_loss.function import check_inplace_target
 from . import ops  # noqa: F401  (registers the custom ops)
 from .engines import pick_token_engine
@@ -35,7 +36,7 @@ def package_stats(logprobs, entropy, teacher, x) -> TokenStats:
 
 
 def token_logprobs(logits, labels, *, mask=None, temperature=1.0, entropy=True, teacher_logits=None,
-                   inplace_backward=False, backend="auto") -> TokenStats:
+                   inplace_backward=False, backend="auto", tp_group=None) -> TokenStats:
     """Per-token log-prob of ``labels`` and entropy of softmax(logits / temperature), with a fused backward.
 
     The seam every trainer has (logits -> log p(y), H), for running a trainer's own loss code on fused
@@ -56,6 +57,9 @@ def token_logprobs(logits, labels, *, mask=None, temperature=1.0, entropy=True, 
             the logits are overwritten then, and autograd's version counter makes a later reader raise).
             Refused for expanded / overlapping views and teacher logits sharing the storage.
         backend: "auto" (Triton on CUDA tensors, the chunked torch path elsewhere) | "triton" | "torch".
+        tp_group: a process group over which the vocabulary is split: logits (and teacher logits) are this
+            rank's contiguous shard, labels global ids; every rank gets the same outputs and the gradient
+            of its own shard.
 
     Returns:
         TokenStats(logprobs, entropy, teacher_logprobs), fp32 in the token shape.
@@ -63,12 +67,14 @@ def token_logprobs(logits, labels, *, mask=None, temperature=1.0, entropy=True, 
     Raises:
         ValueError naming the argument, for every malformed input or option.
     """
+    shard = vocab_shard(tp_group, logits.shape[-1]) if isinstance(logits, torch.Tensor) and logits.dim() else None
     x = prepare_token_inputs(logits, labels, mask=mask, temperature=temperature, entropy=entropy,
-                             teacher_logits=teacher_logits, inplace_backward=inplace_backward, backend=backend)
+                             teacher_logits=teacher_logits, inplace_backward=inplace_backward, backend=backend,
+                             label_vocab=shard and shard.vocab)
     schedule = token_schedule(x.inplace_backward, x.logits)
     if schedule == "inplace":
         check_inplace_target(x.logits, ("teacher_logits", x.teacher_logits))
     logprobs, ent, teacher, _ = torch.ops.sdar_kernels.token_logprobs_forward(
         x.logits, x.labels, x.mask, x.teacher_logits, x.temperature, x.entropy,
-        pick_token_engine(x.backend, x.logits), schedule)
+        pick_token_engine(x.backend, x.logits), schedule, shard and shard.group_name, shard.offset if shard else 0)
     return package_stats(logprobs, ent, teacher, x)

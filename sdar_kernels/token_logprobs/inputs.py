@@ -33,7 +33,8 @@ class TokenInputs:
 
 
 def prepare_token_inputs(logits, labels, *, mask=None, temperature=1.0, entropy=True, teacher_logits=None,
-                         inplace_backward=False, backend="auto", op="token_logprobs") -> TokenInputs:
+                         inplace_backward=False, backend="auto", op="token_logprobs",
+                         label_vocab=None) -> TokenInputs:
     """Validate a ``token_logprobs`` call (ValueError naming the argument) and flatten it."""
     options = SDAROptions(temperature=temperature, inplace_backward=inplace_backward, backend=backend)
     if not isinstance(entropy, bool):
@@ -49,7 +50,8 @@ def prepare_token_inputs(logits, labels, *, mask=None, temperature=1.0, entropy=
 
     mask_bool = mask_as_bool(mask, token_shape, device)
     labels_flat = labels.reshape(-1).to(torch.int64)
-    check_token_values(labels_flat, mask_bool.reshape(-1), V, mask_values=None if mask is None else mask.reshape(-1))
+    check_token_values(labels_flat, mask_bool.reshape(-1), label_vocab or V,
+                       mask_values=None if mask is None else mask.reshape(-1))
     return TokenInputs(
         logits=token_rows(logits), labels=labels_flat, mask=mask_bool.reshape(-1),
         teacher_logits=None if teacher_logits is None else token_rows(teacher_logits.detach()),

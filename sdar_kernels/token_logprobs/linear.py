@@ -21,10 +21,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._tp import vocab_shard
 from ..linear_sdar_loss.chunking import chunk_rows
 from ..linear_sdar_loss.heads import Head
 from ..linear_sdar_loss.inputs import check_heads
-from .engines import TOKEN_ENGINES, pick_token_engine
+from ..sdar_loss.vocab_parallel import resolve_group
+from .engines import TOKEN_ENGINES, pick_token_engine, vocab_parallel_backward
 from .function import package_stats, token_schedule
 from .inputs import TokenInputs, prepare_token_inputs
 from .ops import _refuse_double_backward, _upstreams
@@ -97,17 +99,49 @@ def _forward_chunks(engine, hidden, head, labels, mask, teacher_hidden, teacher_
     return out, (torch.cat(stats) if stats else None)
 
 
+def _forward_vocab_parallel(engine, hidden, head, labels, mask, teacher_hidden, teacher_head, temperature, entropy,
+                            group, offset):
+    """This rank's shard of the head, chunk by chunk: partial statistics and label logits, then the combine
+    across the group (sdar_loss/vocab_parallel.py). Returns (outputs, the whole row's [N, 9] statistics)."""
+    from ..sdar_loss.engines import ENGINES
+    from ..sdar_loss.vocab_parallel import label_logits, rows_from_partials
+    from .engines import _as_sdar_inputs
+    N, dev = labels.shape[0], hidden.device
+    part = torch.zeros(N, 7, dtype=F32, device=dev)
+    part[:, 0] = part[:, 3] = -1.0e30
+    z_y, zt_y, own = (torch.zeros(N, dtype=F32, device=dev) for _ in range(3))
+    for sl in _chunks(N, head.weight.shape[0], hidden.shape[1], dev, teacher_head is not None, head):
+        zt = None if teacher_head is None else teacher_head.logits(teacher_hidden[sl])
+        xc, _ = _chunk_inputs(head, hidden[sl], labels[sl], mask[sl], temperature, entropy, zt)
+        part[sl] = ENGINES[engine].partials(_as_sdar_inputs(xc))
+        z_y[sl], own[sl] = label_logits(xc.logits, xc.labels, offset, xc.mask)
+        if zt is not None:
+            zt_y[sl] = label_logits(zt, xc.labels, offset, xc.mask)[0]
+        del xc, zt
+    whole = TokenInputs(logits=None, labels=labels, mask=mask, teacher_logits=None, token_shape=labels.shape,
+                        temperature=temperature, entropy=entropy, inplace_backward=False, backend="auto")
+    per_token, stats = rows_from_partials(_as_sdar_inputs(whole), part, z_y,
+                                          zt_y if teacher_head is not None else None, own, group, None)
+    return {"logprobs": per_token["logprobs"], "entropy": per_token["entropy"] if entropy else None,
+            "teacher_logprobs": per_token["logp_teacher"] if teacher_head is not None else None}, stats
+
+
 @torch.library.custom_op("sdar_kernels::linear_token_logprobs_forward", mutates_args=())
 def linear_token_logprobs_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, mask: Tensor,
     teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
-    temperature: float, entropy: bool, engine: str, schedule: str,
+    temperature: float, entropy: bool, engine: str, schedule: str, tp_group_name: Optional[str] = None,
+    vocab_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from .ops import _outputs
     head, teacher_head = _heads(weight, bias, teacher_hidden, teacher_weight, teacher_bias)
     keep = schedule != "no_grad"
     with torch.autocast(device_type=hidden.device.type, enabled=False):   # keep the logit GEMMs fp32
-        if engine == "triton":
+        if tp_group_name is not None:
+            out, stats = _forward_vocab_parallel(engine, hidden, head, labels, mask, teacher_hidden, teacher_head,
+                                                 temperature, entropy, resolve_group(tp_group_name), vocab_offset)
+            stats = stats if keep else None
+        elif engine == "triton":
             out, stats = _forward_triton(hidden, weight, bias, labels, mask, teacher_hidden, teacher_head,
                                          temperature, entropy, keep)
         else:
@@ -118,12 +152,13 @@ def linear_token_logprobs_forward(
 
 @linear_token_logprobs_forward.register_fake
 def _(hidden, weight, bias, labels, mask, teacher_hidden, teacher_weight, teacher_bias, temperature, entropy,
-      engine, schedule):
+      engine, schedule, tp_group_name=None, vocab_offset=0):
     N = labels.shape[0]
     f = hidden.new_empty(N, dtype=F32)
     ent = hidden.new_empty(N if entropy else 0, dtype=F32)
     teacher = hidden.new_empty(N if teacher_hidden is not None else 0, dtype=F32)
-    shape = (0,) if schedule == "no_grad" else (N, 9) if engine == "triton" else (N,) if entropy else (0,)
+    shape = ((0,) if schedule == "no_grad" else (N, 9) if engine == "triton" or tp_group_name is not None
+             else (N,) if entropy else (0,))
     return f, ent, teacher, hidden.new_empty(shape, dtype=F32)
 
 
@@ -131,7 +166,8 @@ def _(hidden, weight, bias, labels, mask, teacher_hidden, teacher_weight, teache
 def linear_token_logprobs_backward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, mask: Tensor, stats: Tensor,
     grad_logprobs: Tensor, grad_entropy: Optional[Tensor], temperature: float, entropy: bool, engine: str,
-    grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+    grad_hidden: bool, grad_weight: bool, grad_bias: bool, tp_group_name: Optional[str] = None,
+    vocab_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     head = Head(weight, bias)
     eng = TOKEN_ENGINES[engine]
@@ -143,8 +179,11 @@ def linear_token_logprobs_backward(
         for sl in _chunks(N, weight.shape[0], hidden.shape[1], dev, False, head):
             xc, h = _chunk_inputs(head, hidden[sl], labels[sl], mask[sl], temperature, entropy)
             g = head.grad_buffer(xc.logits)   # the engine writes dL/dz here (over the fp32 logits, or bf16)
-            eng.backward(xc, grad_logprobs[sl], None if grad_entropy is None else grad_entropy[sl],
-                         stats[sl] if stats.numel() else None, g)
+            g_h = None if grad_entropy is None else grad_entropy[sl]
+            if tp_group_name is not None:    # this rank's shard, from the whole row's statistics
+                vocab_parallel_backward(xc, engine, grad_logprobs[sl], g_h, stats[sl], g, vocab_offset)
+            else:
+                eng.backward(xc, grad_logprobs[sl], g_h, stats[sl] if stats.numel() else None, g)
             if gh is not None:
                 head.grad_input(g, gh[sl])
             if gw is not None:
@@ -152,6 +191,8 @@ def linear_token_logprobs_backward(
             if gb is not None:
                 gb.add_(g.sum(0, dtype=F32))
             del xc, g
+    if gh is not None and tp_group_name is not None:   # every shard of the head contributes to grad_hidden
+        torch.distributed.all_reduce(gh, op=torch.distributed.ReduceOp.SUM, group=resolve_group(tp_group_name))
     return (gh if gh is not None else hidden.new_empty(0),
             gw.to(weight.dtype) if gw is not None else weight.new_empty(0),
             gb.to(bias.dtype) if gb is not None else weight.new_empty(0))
@@ -159,7 +200,7 @@ def linear_token_logprobs_backward(
 
 @linear_token_logprobs_backward.register_fake
 def _(hidden, weight, bias, labels, mask, stats, grad_logprobs, grad_entropy, temperature, entropy, engine,
-      grad_hidden, grad_weight, grad_bias):
+      grad_hidden, grad_weight, grad_bias, tp_group_name=None, vocab_offset=0):
     return (torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if grad_weight else weight.new_empty(0),
             torch.empty_like(bias) if grad_bias and bias is not None else weight.new_empty(0))
@@ -167,13 +208,13 @@ def _(hidden, weight, bias, labels, mask, stats, grad_logprobs, grad_entropy, te
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, mask = inputs[:5]
-    temperature, entropy, engine, schedule = inputs[_NUM_TENSOR_INPUTS:]
+    temperature, entropy, engine, schedule, tp_group_name, vocab_offset = inputs[_NUM_TENSOR_INPUTS:]
     _, ent, teacher, stats = output
     ctx.mark_non_differentiable(teacher, stats)
     if not entropy:
         ctx.mark_non_differentiable(ent)
     ctx.set_materialize_grads(False)
-    ctx.temperature, ctx.entropy, ctx.engine = temperature, entropy, engine
+    ctx.temperature, ctx.entropy, ctx.engine, ctx.tp = temperature, entropy, engine, (tp_group_name, vocab_offset)
     if schedule != "no_grad":
         # backward recomputes the chunk logits; saving the inputs lets autograd catch in-place changes
         ctx.save_for_backward(hidden, weight, bias, labels, mask, stats)
@@ -183,13 +224,13 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_teacher, _grad_stats):
     _refuse_double_backward("linear_token_logprobs")
     hidden, weight, bias, labels, mask, stats = ctx.saved_tensors
     g_lp, g_h = _upstreams(ctx, mask, grad_logprobs, grad_entropy)
-    nones = (None,) * (_NUM_TENSOR_INPUTS + 4)
+    nones = (None,) * (_NUM_TENSOR_INPUTS + 6)
     if g_lp is None:
         return nones
     needs = ctx.needs_input_grad[:3]
     gh, gw, gb = torch.ops.sdar_kernels.linear_token_logprobs_backward(
         hidden, weight, bias, labels, mask, stats, g_lp, g_h, ctx.temperature, ctx.entropy, ctx.engine,
-        needs[0], needs[1], needs[2] and bias is not None)
+        needs[0], needs[1], needs[2] and bias is not None, *ctx.tp)
     return (gh if needs[0] else None, gw if needs[1] else None,
             gb if needs[2] and bias is not None else None, *nones[3:])
 
@@ -199,7 +240,7 @@ linear_token_logprobs_forward.register_autograd(_backward, setup_context=_setup_
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, mask=None, temperature=1.0, entropy=True,
                           teacher_hidden=None, teacher_weight=None, teacher_bias=None, inplace_backward=False,
-                          backend="auto"):
+                          backend="auto", tp_group=None):
     """``token_logprobs(hidden @ weight.T + bias, labels, ...)`` without ever holding the [N, V] logits.
 
     hidden: [N, H] or [B, T, H] (fp32 / bf16 / fp16); weight: [V, H] in hidden's dtype (the lm_head);
@@ -209,17 +250,23 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, mask=None, tempe
     effect here (the gradient is always written into the chunk's own buffer). Gradients flow to
     ``hidden``, ``weight`` and ``bias``. On the Triton engine the forward forms no logits at all (one fused
     GEMM + log-sum-exp pass per head); backward recomputes them a chunk at a time.
+
+    ``tp_group``: the lm_head is split over this process group, as in ``linear_sdar_loss``: every rank gets
+    the same outputs, the gradient of its own weight / bias rows and the full (group-summed) gradient of
+    ``hidden``.
     """
     heads = check_heads(hidden, weight, bias=bias, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                         teacher_bias=teacher_bias)
+    shard = vocab_shard(tp_group, weight.shape[0])
     stand_in = heads.stand_in_logits()
     x = prepare_token_inputs(stand_in, labels, mask=mask, temperature=temperature, entropy=entropy,
                              teacher_logits=None if teacher_hidden is None else stand_in,
-                             inplace_backward=inplace_backward, backend=backend, op="linear_token_logprobs")
+                             inplace_backward=inplace_backward, backend=backend, op="linear_token_logprobs",
+                             label_vocab=shard and shard.vocab)
     shared_bias = heads.shared_weight and heads.teacher_bias is bias
     logprobs, ent, teacher, _ = torch.ops.sdar_kernels.linear_token_logprobs_forward(
         heads.hidden, weight, bias, x.labels, x.mask, heads.teacher_hidden,
         None if heads.shared_weight else heads.teacher_weight, None if shared_bias else heads.teacher_bias,
         x.temperature, x.entropy, pick_token_engine(x.backend, heads.hidden),
-        token_schedule(False, hidden, weight, bias))
+        token_schedule(False, hidden, weight, bias), shard and shard.group_name, shard.offset if shard else 0)
     return package_stats(logprobs, ent, teacher, x)
