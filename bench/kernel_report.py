@@ -116,11 +116,11 @@ def _sdar_rows_variants():
     ]:
         P = plan(N, V, dt, distill, splits)
         args = dict(grad_ptr=Ptr(dt), logits_ptr=Ptr(dt), teacher_ptr=Ptr(dt), labels_ptr=Ptr("i64"),
-                    mask_ptr=Ptr("u8"), weights_ptr=Ptr("fp32"), stats_ptr=Ptr("fp32"),
+                    mask_ptr=Ptr("u8"), weights_ptr=Ptr("fp32"), stats_ptr=Ptr("fp32"), ent_rows_ptr=Ptr("fp32"),
                     **strides(N, V, in_strides + ("stride_grad_b", "stride_grad_t")), seq_len=N, V=V,
                     V_SPLIT=P.v_split, k_scale=1.4426950408889634, inv_tau=1.0, distill_coef=0.01, jsd_beta=0.5,
                     log2_b=-1.0, log2_1mb=-1.0, entropy_coef=0.001)
-        cx = dict(BLOCK_R=P.block_r, VEC=P.vec, HAS_ENTROPY=True, DISTILL=DISTILL_CODES[distill])
+        cx = dict(BLOCK_R=P.block_r, VEC=P.vec, HAS_ENTROPY=True, DISTILL=DISTILL_CODES[distill], ENT_PER_ROW=False)
         out.append(Variant(f"sdar_grad_kernel [{label}]", "sdar_kernels.sdar_loss.kernels:sdar_grad_kernel",
                            args, cx, num_warps=P.warps, expect={"max_local": 0},
                            meta=meta("sdar_loss", distill, dt, N, V, P, f"({N}, {P.splits})")))
@@ -138,8 +138,41 @@ def _sdar_rows_variants():
     return out
 
 
+def _linear_logprob_variants():
+    """sdar_kernels/linear_sdar_loss/logprob_kernels.py:partials_kernel (the matmul + online-LSE main loop)
+    at the launches the tile table picks for Qwen3-8B-sized heads (H=4096, V=151936)."""
+    import torch
+
+    from sdar_kernels.linear_sdar_loss.logprob_launch import tile_config, vocab_splits
+    out = []
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    H, V = 4096, 151936
+    for label, N, dt, entropy in [
+        ("N8k bf16 logp+lse", 8192, "bf16", False),
+        ("N8k bf16 logp+lse+entropy", 8192, "bf16", True),
+        ("N8k fp16 logp+lse", 8192, "fp16", False),
+        ("N64 bf16 logp+lse (small-N tiles)", 64, "bf16", False),
+        ("N8k fp32 logp+lse (ieee, no tensor cores)", 8192, "fp32", False),
+    ]:
+        cfg = tile_config(N, dtypes[dt])
+        splits, per_split = vocab_splits(-(-N // cfg.block_n), -(-V // cfg.block_v), cfg.group_rows,
+                                         132 * cfg.ctas_per_sm)
+        args = dict(part_ptr=Ptr("fp32"), hidden_ptr=Ptr(dt), weight_ptr=Ptr(dt), bias_ptr=Ptr("fp32"),
+                    labels_ptr=Ptr("i64"), mask_ptr=Ptr("u8"), stride_hidden=H, stride_weight=H, N=N, V=V, H=H,
+                    tiles_per_split=per_split, num_splits=splits, k_scale=1.4426950408889634)
+        cx = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP_R=cfg.group_rows,
+                  HAS_BIAS=False, ENTROPY=entropy, IN_FP32=dt == "fp32")
+        expect = {"max_local": 0} if dt == "fp32" else {"max_local": 0, "mma": True}
+        out.append(Variant(f"linear_logprobs partials_kernel [{label}]",
+                           "sdar_kernels.linear_sdar_loss.logprob_kernels:partials_kernel", args, cx,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, expect=expect,
+                           meta=dict(op="linear_logprobs", mode="entropy" if entropy else "logp", dtype=dt,
+                                     N=N, V=V, H=H, grid=f"({-(-N // cfg.block_n)} row blocks, {splits} splits)")))
+    return out
+
+
 # Builders of the registry; add one per kernel file.
-REGISTRY = [_sdar_rows_variants]
+REGISTRY = [_sdar_rows_variants, _linear_logprob_variants]
 
 
 # ---------------------------------------------------------------- compile
@@ -226,6 +259,8 @@ def analyse(cubin: bytes, keep_dir=None, name="kernel", elements_per_thread=None
     info["sass_lines"] = len(instrs)
     info["ctas_per_sm"] = sass_tools.occupancy(info["reg"] or 0, threads, info["shared"] or 0)
     info["loops"] = sass_tools.analyse_loops(sass, elements_per_thread)
+    # tensor-core matmul instructions: HGMMA (sm_90 warpgroup MMA, "wgmma") or HMMA (warp-level mma.sync)
+    info["mma"] = {op: sum(i.op.startswith(op + ".") for i in instrs) for op in ("HGMMA", "HMMA")}
     if keep_dir:
         os.makedirs(keep_dir, exist_ok=True)
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
@@ -262,8 +297,14 @@ def report(keep_dir=None, stream=sys.stdout, only=None):
                 with open(os.path.join(keep_dir, safe + ".ptx"), "w") as f:
                     f.write(k.asm["ptx"])
             bad = []
+            # spills show as LOCAL bytes or as stack-frame LDL / STL (with LOCAL 0)
+            local_ops = sum(n for op, n in row["ops"].items() if op.startswith(("LDL", "STL")))
             if "max_local" in v.expect and (row["local"] or 0) > v.expect["max_local"]:
                 bad.append(f"LOCAL {row['local']} > {v.expect['max_local']} (spills)")
+            if "max_local" in v.expect and v.expect["max_local"] == 0 and local_ops:
+                bad.append(f"{local_ops} LDL/STL instructions (register spills to the stack)")
+            if v.expect.get("mma") and not any(row["mma"].values()):
+                bad.append("no HGMMA / HMMA (the matmul is not on the tensor cores)")
             row["status"] = "REGRESSION: " + "; ".join(bad) if bad else "ok"
         except Exception as e:
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -281,6 +322,9 @@ def _print_row(r, stream):
         g = {k: n for k, n in r["ops"].items() if k.startswith(("LDG", "STG"))}
         loc = {k: n for k, n in r["ops"].items() if k.startswith(("LDL", "STL"))}
         print("  global loads/stores: " + (", ".join(f"{k} x{n}" for k, n in g.items()) or "none"), file=stream)
+        if any(r["mma"].values()):
+            print("  tensor-core instructions: " + ", ".join(f"{k} x{n}" for k, n in r["mma"].items() if n),
+                  file=stream)
         if loc:
             print("  local loads/stores (spills): " + ", ".join(f"{k} x{n}" for k, n in loc.items()), file=stream)
         for lp in r["loops"]:

@@ -239,8 +239,11 @@ def mask_as_bool(mask, token_shape, device):
 def normalize_inputs(logits, labels, *, teacher_logits=None, teacher_logprobs=None, mask=None,
                      advantages=None, old_logprobs=None, ref_logprobs=None, loss_weights=None,
                      num_tokens=None, num_sequences=None, loss_scale_factor=None, dp_size=1,
-                     **option_kwargs) -> PreparedInputs:
-    """Validate one call of the SDAR loss and flatten it to [N] / [N, V]. Raises ValueError."""
+                     label_vocab=None, **option_kwargs) -> PreparedInputs:
+    """Validate one call of the SDAR loss and flatten it to [N] / [N, V]. Raises ValueError.
+
+    ``label_vocab``: the range of the labels when the logits hold one vocabulary shard (tensor parallel);
+    default: the logits' own V."""
     options = SDAROptions(**option_kwargs)
     device, token_shape, V = check_logits_and_labels(logits, labels)
 
@@ -275,7 +278,7 @@ def normalize_inputs(logits, labels, *, teacher_logits=None, teacher_logprobs=No
 
     mask_bool = mask_as_bool(mask, token_shape, device)
     labels_flat = labels.reshape(-1).to(torch.int64)
-    check_token_values(labels_flat, mask_bool.reshape(-1), V,
+    check_token_values(labels_flat, mask_bool.reshape(-1), label_vocab or V,
                        mask_values=None if mask is None else mask.reshape(-1),
                        teacher_logprobs=None if teacher_logprobs is None else teacher_logprobs.reshape(-1))
 

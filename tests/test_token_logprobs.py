@@ -27,24 +27,40 @@ OPTIONS = {name: rest for name, *rest in OPTION_CASES}
 SHAPES = {"N37-V997": (37, 997), "B3T5-V4097": ((3, 5), 4097)}
 
 
-def _check(shape_id, dtype, name):
+BACKENDS = ["torch", "triton"]
+
+
+def _check(shape_id, dtype, name, backend, device="cpu"):
     shape, V = SHAPES[shape_id]
     kw, opts, outs = OPTIONS[name]
     case = token_case(shape, V, DTYPES[dtype], **kw)
+    if backend == "triton":
+        case = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
     ups = upstreams(case, which=outs)
-    check_token_oracle(run_token(token_logprobs, case, {**opts, "backend": "torch"}, ups), case, opts, ups)
+    check_token_oracle(run_token(token_logprobs, case, {**opts, "backend": backend}, ups), case, opts, ups)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(OPTIONS))
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_options_every_dtype(name, dtype):
-    _check("N37-V997", dtype, name)
+def test_options_every_dtype(name, dtype, backend, device):
+    _check("N37-V997", dtype, name, backend, device)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["plain", "teacher", "empty-rows-nan", "tau0.7-teacher"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_sequences_odd_vocabulary(name, dtype):
-    _check("B3T5-V4097", dtype, name)
+def test_sequences_odd_vocabulary(name, dtype, backend, device):
+    _check("B3T5-V4097", dtype, name, backend, device)
+
+
+@pytest.mark.parametrize("splits", [3])
+@pytest.mark.parametrize("name", ["plain", "teacher", "empty-rows-nan"])
+def test_triton_vocabulary_splits(name, splits, device, monkeypatch):
+    """The Triton engine's split schedule (few rows on a large GPU), forced under the interpreter."""
+    monkeypatch.setenv("SDAR_KERNELS_SPLITS", str(splits))
+    monkeypatch.setenv("SDAR_KERNELS_MAX_BLOCK_V", "64")
+    _check("N37-V997", "bf16", name, "triton", device)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

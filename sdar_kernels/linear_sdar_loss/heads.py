@@ -107,6 +107,13 @@ class Head:
             return torch.empty(z.shape, dtype=self.dtype, device=z.device)
         return z
 
+    def label_logprobs(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, temperature: float):
+        """(log p(label), lse) [N] fp32 of the rows ``h`` [N, H] without any [N, V] or [C, V] logits: one
+        fused GEMM + online log-sum-exp pass (logprob_launch.py; CUDA, or the interpreter on CPU)."""
+        from .logprob_launch import linear_logprobs   # imports triton: only where Triton runs
+        out = linear_logprobs(h, self.weight, labels, bias=self.bias, mask=mask, temperature=temperature)
+        return out.logprobs, out.lse
+
     def grad_input(self, g_op: torch.Tensor, out: torch.Tensor) -> None:
         """out [C, H] = g @ W; ``out`` is in the hidden dtype or fp32 (the fused path's accumulator)."""
         if self.dtype == F32:

@@ -92,6 +92,7 @@ def _row_outputs(out_ptr, stats_ptr, row, N, logits_row, teacher_row, y, y_ok,
     tl.store(out_ptr + 9 * N + row, ppo_kl)
     tl.store(out_ptr + 10 * N + row, kl)
     tl.store(out_ptr + 11 * N + row, tl.where(nonfinite, 1.0, 0.0))
+    tl.store(out_ptr + 12 * N + row, logp_t)
     if STORE_STATS:
         _store_stats(stats_ptr + row * _NUM_STATS, m_s, l2d_s, entropy, m_t, l2d_t, div, kp, dl_dlogp, div_scale)
     return dl_dlogp, div_scale
@@ -282,28 +283,37 @@ def finish_kernel(
 
 @triton.jit
 def sdar_grad_kernel(
-    grad_ptr, logits_ptr, teacher_ptr, labels_ptr, mask_ptr, weights_ptr, stats_ptr,
+    grad_ptr, logits_ptr, teacher_ptr, labels_ptr, mask_ptr, weights_ptr, stats_ptr, ent_rows_ptr,
     stride_logits_b, stride_logits_t, stride_teacher_b, stride_teacher_t, stride_grad_b, stride_grad_t,
     seq_len, V, V_SPLIT,
     k_scale, inv_tau, distill_coef, jsd_beta, log2_b, log2_1mb, entropy_coef,
     BLOCK_R: tl.constexpr, VEC: tl.constexpr, HAS_ENTROPY: tl.constexpr, DISTILL: tl.constexpr,
+    ENT_PER_ROW: tl.constexpr,
 ):
     """Grid (N, S): the gradient of stretch s of row n from the row's stored statistics and a weight w_t
-    (the aggregation weight, or m_t g_t with the upstream gradient of a two-phase backward)."""
+    (the aggregation weight, or m_t g_t with the upstream gradient of a two-phase backward). With
+    ENT_PER_ROW the entropy term's weight is w_t * entropy_coef * ent_rows[t] (token_logprobs: the
+    upstream gradient of each entropy, negated)."""
     row = tl.program_id(0).to(tl.int64)
     v0 = tl.program_id(1) * V_SPLIT
     width = tl.minimum(V - v0, V_SPLIT)
     grad_row = row_pointer(grad_ptr, row, seq_len, stride_grad_b, stride_grad_t) + v0
     if tl.load(mask_ptr + row) != 0:
         w = tl.load(weights_ptr + row)
-        y, y_ok = _label(labels_ptr, row, V)
+        ent_w = w * entropy_coef
+        if ENT_PER_ROW:
+            ent_w = ent_w * tl.load(ent_rows_ptr + row)
+        # a label outside [0, V) matches no column (-1): a row with a bad label is already NaN in its
+        # statistics, and a vocabulary shard that does not hold the label must not get the label's term
+        y = tl.load(labels_ptr + row)
+        y = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)
         st = stats_ptr + row * _NUM_STATS
         gradient_row(grad_row, row_pointer(logits_ptr, row, seq_len, stride_logits_b, stride_logits_t) + v0,
                      row_pointer(teacher_ptr, row, seq_len, stride_teacher_b, stride_teacher_t) + v0, width,
-                     y - v0, k_scale, inv_tau,
+                     tl.where(y >= 0, y - v0, -1), k_scale, inv_tau,
                      tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3), tl.load(st + 4),
                      tl.load(st + 5), tl.load(st + 6),
-                     w * tl.load(st + 7), w * entropy_coef, w * distill_coef * tl.load(st + 8),
+                     w * tl.load(st + 7), ent_w, w * distill_coef * tl.load(st + 8),
                      jsd_beta, log2_b, log2_1mb, BLOCK_R, VEC, HAS_ENTROPY, DISTILL)
     else:
         zero_row(grad_row, width, BLOCK_R, VEC)

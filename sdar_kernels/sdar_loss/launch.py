@@ -143,15 +143,17 @@ class _Launch:
         return (self.inv_tau, o.gate_beta, o.distill_coef, o.jsd_beta, o.clip_low, o.clip_high,
                 o.clip_ratio_c if o.clip_ratio_c is not None else 0.0, o.kl_coef, o.entropy_coef)
 
-    def gradient(self, weights, stats):
-        """sdar_grad_kernel over (N, S): the gradient from stored row statistics and weights w_t."""
+    def gradient(self, weights, stats, entropy_rows=None):
+        """sdar_grad_kernel over (N, S): the gradient from stored row statistics and weights w_t (and, per
+        row, the entropy term's weight: ``entropy_rows`` [N], times entropy_coef)."""
         o, P = self.x.options, self.plan
         sdar_grad_kernel[(self.N, P.splits)](
             self.grad, self.x.logits, self.teacher, self.x.labels, self.mask, weights, stats,
+            entropy_rows if entropy_rows is not None else weights,
             *self.in_strides, *self.grad_strides, self.t_rows, self.V, P.v_split,
             self.k_scale, self.inv_tau, o.distill_coef, o.jsd_beta, self.log2_b, self.log2_1mb, o.entropy_coef,
             BLOCK_R=P.block_r, VEC=P.vec, HAS_ENTROPY=o.entropy_coef != 0.0, DISTILL=self.distill,
-            num_warps=P.warps,
+            ENT_PER_ROW=entropy_rows is not None, num_warps=P.warps,
         )
 
 
@@ -221,11 +223,42 @@ def _vocabulary_splits(L, out, stats):
     finish(2, jsd_part)
 
 
-def sdar_rows_triton_grad(x, weights, grad, stats):
+def partials_triton(x):
+    """[N, 7] partial statistics of each row of ``x``'s logits (one vocabulary shard), masked rows the
+    identity (max -1e30, sums 0): partial_kernel with one stretch per row."""
+    from .passes import NEG_BIG
+    N = x.labels.shape[0]
+    part = torch.zeros(N, 1, NUM_PARTIALS, dtype=torch.float32, device=x.logits.device)
+    part[..., 0] = NEG_BIG.value
+    part[..., 3] = NEG_BIG.value
+    if N > 0:
+        L = _Launch(x, None)
+        P = L.plan
+        partial_kernel[(N, 1)](
+            part, x.logits, L.teacher, L.mask, *L.in_strides, L.t_rows, L.V, L.V, L.k_scale,
+            BLOCK_R=P.block_r, VEC=P.vec, HAS_TEACHER_LOGITS=x.teacher_logits is not None, DISTILL=L.distill,
+            num_warps=P.warps)
+    return part.view(N, NUM_PARTIALS)
+
+
+def jsd_partials_triton(x, stats):
+    """[N, 2] jsd row sums (base 2) of each row's logits from the normalizers in ``stats`` [N, 9]."""
+    N = x.labels.shape[0]
+    out = torch.zeros(N, 1, 2, dtype=torch.float32, device=x.logits.device)
+    if N > 0:
+        L = _Launch(x, None)
+        P = L.plan
+        jsd_partial_kernel[(N, 1)](
+            out, x.logits, L.teacher, L.mask, stats, *L.in_strides, L.t_rows, L.V, L.V, L.k_scale,
+            L.log2_b, L.log2_1mb, BLOCK_R=P.block_r, VEC=P.vec, num_warps=P.warps)
+    return out.view(N, 2)
+
+
+def sdar_rows_triton_grad(x, weights, grad, stats, entropy_rows=None):
     """Backward of the two-phase schedules: one pass writing w_t * dl_t/dz from the saved statistics."""
     if x.labels.shape[0] == 0:
         return
-    _Launch(x, grad).gradient(weights, stats)
+    _Launch(x, grad).gradient(weights, stats, entropy_rows)
 
 
 SCALE_BLOCK = 4096

@@ -24,12 +24,8 @@ import triton
 import triton.language as tl
 
 from . import output
-from .._math import log2_approx
+from .._math import LN2, NEG_BIG, entropy_sum_moved, log2_approx, rescale
 
-LN2 = tl.constexpr(0.6931471805599453)
-# Finite floor for log-probabilities in products p * log p (0 * log 0 = 0 * NEG_BIG = 0) and the starting
-# value of the running max (so a lane that only sees -inf keeps d = 0 and never computes -inf - -inf).
-NEG_BIG = tl.constexpr(-1.0e30)
 # The smallest normal fp32: a gate below it counts as 0 on every device.
 GATE_FLOOR = tl.constexpr(output.GATE_FLOOR)
 
@@ -49,22 +45,6 @@ def row_pointer(ptr, row, seq_len, stride_b, stride_t):
 
 
 @triton.jit
-def _rescale(m_old, m_new, k_scale):
-    """(delta, alpha) of a running max moving from m_old to m_new: delta = (m_old - m_new) k <= 0 and
-    alpha = 2^delta. delta may be -inf (a jump beyond fp32 range): alpha is then 0, and every caller
-    guards its `delta * sum` term with alpha > 0."""
-    delta = (m_old - m_new) * k_scale
-    return delta, tl.exp2(delta)
-
-
-@triton.jit
-def _entropy_sum(a, d_old, delta, alpha):
-    """The entropy sum a = sum 2^x x (x relative to the max) moved to a new max: alpha (a + delta d_old).
-    Zero where alpha is 0: the old terms are 2^(-inf) = 0, and delta * d_old could be -inf * 0."""
-    return tl.where(alpha > 0, alpha * (a + delta * d_old), 0.0)
-
-
-@triton.jit
 def _cross_sum(b, d_w, alpha_w, delta_w, delta_o):
     """A row sum b = sum 2^(x_w) (x_w - x_o) (fkl: w = teacher, o = student; rkl the other way round),
     both x relative to their own running max, moved to new maxima: each x shifts by its delta, each
@@ -78,17 +58,17 @@ def combine(m_s, d_s, a_s, m_t, d_t, b, gap, k_scale, HAS_TEACHER_LOGITS: tl.con
     """Partial statistics of several stretches of one row (1-D vectors: tile rows, or vocabulary splits)
     combined into the row's (scalars), relative to the row maxima."""
     ms_row = tl.max(m_s, axis=0)
-    delta_s, alpha_s = _rescale(m_s, ms_row, k_scale)
+    delta_s, alpha_s = rescale(m_s, ms_row, k_scale)
     # alpha * d keeps a NaN d NaN (0 * NaN), so a NaN logit never disappears from its row
     ds_row = tl.sum(alpha_s * d_s, axis=0)
-    as_row = tl.sum(_entropy_sum(a_s, d_s, delta_s, alpha_s), axis=0)
+    as_row = tl.sum(entropy_sum_moved(a_s, d_s, delta_s, alpha_s), axis=0)
     mt_row = 0.0
     dt_row = 0.0
     b_row = 0.0
     gap_row = 0.0
     if HAS_TEACHER_LOGITS:
         mt_row = tl.max(m_t, axis=0)
-        delta_t, alpha_t = _rescale(m_t, mt_row, k_scale)
+        delta_t, alpha_t = rescale(m_t, mt_row, k_scale)
         dt_row = tl.sum(alpha_t * d_t, axis=0)
         if DISTILL == 2:
             b_row = tl.sum(_cross_sum(b, d_t, alpha_t, delta_t, delta_s), axis=0)
@@ -129,15 +109,15 @@ def stream_statistics(logits_row, teacher_row, V, k_scale,
             zt_next = tl.load(teacher_row + nxt, mask=nxt < V, other=float("-inf"))
 
         ms_new = tl.maximum(m_s, tl.max(z, axis=1))
-        delta_s, alpha_s = _rescale(m_s, ms_new, k_scale)
+        delta_s, alpha_s = rescale(m_s, ms_new, k_scale)
         x = (z - ms_new[:, None]) * k_scale
         e = tl.exp2(x)
         if ENTROPY:
             # max(x, NEG_BIG): 2^x x -> 0 * NEG_BIG = 0 at -inf logits; a NaN x still reaches the sum via e
-            a_s = _entropy_sum(a_s, d_s, delta_s, alpha_s) + tl.sum(e * tl.maximum(x, NEG_BIG), axis=1)
+            a_s = entropy_sum_moved(a_s, d_s, delta_s, alpha_s) + tl.sum(e * tl.maximum(x, NEG_BIG), axis=1)
         if HAS_TEACHER_LOGITS:
             mt_new = tl.maximum(m_t, tl.max(zt, axis=1))
-            delta_t, alpha_t = _rescale(m_t, mt_new, k_scale)
+            delta_t, alpha_t = rescale(m_t, mt_new, k_scale)
             xt = (zt - mt_new[:, None]) * k_scale
             et = tl.exp2(xt)
             if DISTILL == 2:    # fkl: sum q-weights (x_t - x_s)

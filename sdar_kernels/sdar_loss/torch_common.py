@@ -19,11 +19,13 @@ def label_logprob(logp, labels, keep, vocab):
     return torch.where((labels >= 0) & (labels < vocab) | ~keep, logp, float("nan"))
 
 
-def per_token_outputs(terms, keep, logp, entropy, nonfinite):
-    """The per-token values in ``PER_TOKEN_FIELDS`` order, 0 on masked rows (``terms``: TokenTerms)."""
+def per_token_outputs(terms, keep, logp, entropy, nonfinite, logp_teacher=None):
+    """The per-token values in ``PER_TOKEN_FIELDS`` order, 0 on masked rows (``terms``: TokenTerms;
+    ``logp_teacher``: the teacher's log-prob of the sampled token, None without a teacher)."""
     return (terms.loss, torch.where(keep, logp, 0.0), torch.where(keep, entropy, 0.0), terms.gate, terms.gap,
             terms.distill, terms.pg, terms.clipped, terms.clipped_lower, terms.ppo_kl, terms.kl,
-            (nonfinite & keep).to(torch.float32))
+            (nonfinite & keep).to(torch.float32),
+            torch.zeros_like(logp) if logp_teacher is None else torch.where(keep, logp_teacher, 0.0))
 
 
 def zero_masked_rows_(grad, keep):

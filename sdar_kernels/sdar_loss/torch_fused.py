@@ -83,7 +83,7 @@ def chunk_terms(logits, teacher_logits, labels, keep, w, teacher_logprobs, advan
         w_ec = w * o.entropy_coef
         div_scale = t.distill_scale(w, o.distill_coef) if divergence is not None else torch.zeros_like(w)
         gradient_fn(logits, teacher_logits, labels, keep, s, coef, w_ec, div_scale, inv_tau, beta, grad)
-    return per_token_outputs(t, keep, logp, s["entropy"], nonfinite)
+    return per_token_outputs(t, keep, logp, s["entropy"], nonfinite, logp_teacher)
 
 
 def _centred(x, m, inv_tau):

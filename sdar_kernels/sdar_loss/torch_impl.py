@@ -74,7 +74,7 @@ def sdar_rows_torch(x, weights, grad=None):
     run = chunk_function(x, grad)
     for sl in row_chunks(N, V, x.logits, x.teacher_logits):
         terms = run(*_chunk_args(x, sl, weights, grad))
-        for k, v in zip(PER_TOKEN_FIELDS, terms):
+        for k, v in zip(PER_TOKEN_FIELDS, terms, strict=True):
             out[k][sl] = v
     return out
 
@@ -177,7 +177,7 @@ def chunk_terms(logits, teacher_logits, labels, keep, w, teacher_logprobs, advan
         if dst is not grad:
             grad.copy_(dst)
 
-    return per_token_outputs(t, keep, logp, entropy, nonfinite)
+    return per_token_outputs(t, keep, logp, entropy, nonfinite, logp_teacher)
 
 
 def _divergence(o, logp_all, p, logq_all, entropy, rowdot, want_grad):

@@ -1,77 +1,29 @@
-"""Autograd Function and the public functional ``token_logprobs`` (README.md in this folder).
+"""The public functional ``token_logprobs`` (README.md in this folder): validate, pick the engine and the
+schedule, call the custom op (ops.py).
 
 The forward streams the rows once (twice with teacher logits) and keeps only per-row statistics; the
 backward is one pass that writes dL/dz for whatever upstream gradients reached the log-probs and the
-entropy (either may be absent). The row engine (``TorchTokenRows`` here; a Triton engine with the same two
-methods plugs in through ``pick_token_engine``) does the streaming.
+entropy (either may be absent). Under no_grad / inference_mode, or when the logits do not require grad,
+no statistics are kept and nothing is written into the logits.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
+from .._tp import vocab_shard
+from ..sdar_loss.function import check_inplace_target
+from . import ops  # noqa: F401  (registers the custom ops)
+from .engines import pick_token_engine
 from .inputs import prepare_token_inputs
 from .output import TokenStats
-from .torch_impl import TorchTokenRows
-
-F32 = torch.float32
 
 
-def pick_token_engine(x):
-    """The row engine for prepared inputs. Until the Triton kernel lands every backend runs the torch engine
-    ("triton" is refused at validation, so nothing silently falls back)."""
-    return TorchTokenRows
-
-
-def masked_upstream(g, mask):
-    """An upstream gradient as flat fp32 with exact zeros on masked rows (None stays None)."""
-    if g is None:
-        return None
-    return torch.where(mask, g.reshape(-1).to(F32), 0.0)
-
-
-class TokenLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits2d, x, engine):
-        need_grad = ctx.needs_input_grad[0]
-        out, stats = engine.forward(x, save_stats=need_grad)
-        logprobs = out["logprobs"]
-        entropy = out["entropy"] if out["entropy"] is not None else logprobs.new_empty(0)
-        teacher = out["teacher_logprobs"] if out["teacher_logprobs"] is not None else logprobs.new_empty(0)
-        ctx.mark_non_differentiable(teacher)
-        if not x.entropy:
-            ctx.mark_non_differentiable(entropy)
-        ctx.set_materialize_grads(False)   # an unused output's gradient arrives as None: no work for it
-        ctx.used = False
-        if need_grad:
-            ctx.engine, ctx.stats = engine, stats
-            # side inputs only: the logits go through save_for_backward (an in-place change to them between
-            # forward and backward then raises instead of going unseen), the teacher is not needed
-            ctx.x = dataclasses.replace(x, logits=None, teacher_logits=None)
-            ctx.save_for_backward(logits2d)
-        return logprobs, entropy, teacher
-
-    @staticmethod
-    def backward(ctx, grad_logprobs, grad_entropy, _grad_teacher):
-        if ctx.used and ctx.x.inplace_backward:
-            raise RuntimeError("token_logprobs: backward ran twice through one forward with inplace_backward; "
-                               "the logits were overwritten by the first gradient")
-        ctx.used = True
-        x = ctx.x
-        g_lp = masked_upstream(grad_logprobs, x.mask)
-        g_h = masked_upstream(grad_entropy, x.mask) if x.entropy else None
-        if g_lp is None and g_h is None:
-            return None, None, None
-        if g_lp is None:
-            g_lp = torch.zeros_like(g_h)
-        (logits2d,) = ctx.saved_tensors
-        x = dataclasses.replace(x, logits=logits2d)
-        # inplace_backward: each chunk / block is read before its gradient overwrites it
-        grad = logits2d if x.inplace_backward else torch.empty_like(logits2d)
-        ctx.engine.backward(x, g_lp, g_h, ctx.stats, grad)
-        return grad, None, None
+def token_schedule(inplace_backward, *grad_inputs) -> str:
+    """"no_grad" | "inplace" | "grad", from grad mode and requires_grad only."""
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)):
+        return "no_grad"
+    return "inplace" if inplace_backward else "grad"
 
 
 def package_stats(logprobs, entropy, teacher, x) -> TokenStats:
@@ -84,7 +36,7 @@ def package_stats(logprobs, entropy, teacher, x) -> TokenStats:
 
 
 def token_logprobs(logits, labels, *, mask=None, temperature=1.0, entropy=True, teacher_logits=None,
-                   inplace_backward=False, backend="auto") -> TokenStats:
+                   inplace_backward=False, backend="auto", tp_group=None) -> TokenStats:
     """Per-token log-prob of ``labels`` and entropy of softmax(logits / temperature), with a fused backward.
 
     The seam every trainer has (logits -> log p(y), H), for running a trainer's own loss code on fused
@@ -101,9 +53,13 @@ def token_logprobs(logits, labels, *, mask=None, temperature=1.0, entropy=True, 
         temperature: > 0; the statistics are those of softmax(logits / temperature).
         entropy: False skips the entropy (``.entropy`` is None).
         teacher_logits: [..., V] like ``logits``: also return the teacher's log-prob of ``labels`` (detached).
-        inplace_backward: write the gradient into the logits' storage (saves an [N, V] buffer; the logits
-            are garbage afterwards). Refused for expanded / overlapping views.
-        backend: "auto" | "torch" ("triton" raises ValueError until this op's kernel lands).
+        inplace_backward: backward writes the gradient into the logits' storage (saves an [N, V] buffer;
+            the logits are overwritten then, and autograd's version counter makes a later reader raise).
+            Refused for expanded / overlapping views and teacher logits sharing the storage.
+        backend: "auto" (Triton on CUDA tensors, the chunked torch path elsewhere) | "triton" | "torch".
+        tp_group: a process group over which the vocabulary is split: logits (and teacher logits) are this
+            rank's contiguous shard, labels global ids; every rank gets the same outputs and the gradient
+            of its own shard.
 
     Returns:
         TokenStats(logprobs, entropy, teacher_logprobs), fp32 in the token shape.
@@ -111,6 +67,14 @@ def token_logprobs(logits, labels, *, mask=None, temperature=1.0, entropy=True, 
     Raises:
         ValueError naming the argument, for every malformed input or option.
     """
+    shard = vocab_shard(tp_group, logits.shape[-1]) if isinstance(logits, torch.Tensor) and logits.dim() else None
     x = prepare_token_inputs(logits, labels, mask=mask, temperature=temperature, entropy=entropy,
-                             teacher_logits=teacher_logits, inplace_backward=inplace_backward, backend=backend)
-    return package_stats(*TokenLogprobsFunction.apply(x.logits, x, pick_token_engine(x)), x)
+                             teacher_logits=teacher_logits, inplace_backward=inplace_backward, backend=backend,
+                             label_vocab=shard and shard.vocab)
+    schedule = token_schedule(x.inplace_backward, x.logits)
+    if schedule == "inplace":
+        check_inplace_target(x.logits, ("teacher_logits", x.teacher_logits))
+    logprobs, ent, teacher, _ = torch.ops.sdar_kernels.token_logprobs_forward(
+        x.logits, x.labels, x.mask, x.teacher_logits, x.temperature, x.entropy,
+        pick_token_engine(x.backend, x.logits), schedule, shard and shard.group_name, shard.offset if shard else 0)
+    return package_stats(logprobs, ent, teacher, x)

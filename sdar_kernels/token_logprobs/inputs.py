@@ -32,32 +32,26 @@ class TokenInputs:
     backend: str
 
 
-def check_inplace_safe(name, t):
-    """``inplace_backward`` writes the gradient over ``t``: refuse storage that several elements share."""
-    if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)) or torch._debug_has_internal_overlap(t) == 1:
-        raise ValueError(f"inplace_backward=True needs {name} whose elements do not share memory (an expanded "
-                         f"or overlapping view cannot hold a gradient); got strides {tuple(t.stride())} for "
-                         f"shape {tuple(t.shape)}")
-
-
 def prepare_token_inputs(logits, labels, *, mask=None, temperature=1.0, entropy=True, teacher_logits=None,
-                         inplace_backward=False, backend="auto", op="token_logprobs") -> TokenInputs:
+                         inplace_backward=False, backend="auto", op="token_logprobs",
+                         label_vocab=None) -> TokenInputs:
     """Validate a ``token_logprobs`` call (ValueError naming the argument) and flatten it."""
     options = SDAROptions(temperature=temperature, inplace_backward=inplace_backward, backend=backend)
-    if options.backend == "triton":
-        raise ValueError(f"backend='triton' is not available for {op} yet (its Triton kernel has not landed); "
-                         "use backend='auto' or 'torch'")
     if not isinstance(entropy, bool):
         raise ValueError(f"entropy must be a bool, got {entropy!r}")
     device, token_shape, V = check_logits_and_labels(logits, labels)
     check_tensor("teacher_logits", teacher_logits, shape=logits.shape, device=device, dtypes=FLOAT_DTYPES)
     check_tensor("mask", mask, shape=token_shape, device=device)
-    if inplace_backward and logits.requires_grad:
-        check_inplace_safe("logits", logits)
+    if options.backend == "triton":
+        from .._runtime import can_use_triton
+        if not can_use_triton(logits):
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
+                             f"logits are on {device}")
 
     mask_bool = mask_as_bool(mask, token_shape, device)
     labels_flat = labels.reshape(-1).to(torch.int64)
-    check_token_values(labels_flat, mask_bool.reshape(-1), V, mask_values=None if mask is None else mask.reshape(-1))
+    check_token_values(labels_flat, mask_bool.reshape(-1), label_vocab or V,
+                       mask_values=None if mask is None else mask.reshape(-1))
     return TokenInputs(
         logits=token_rows(logits), labels=labels_flat, mask=mask_bool.reshape(-1),
         teacher_logits=None if teacher_logits is None else token_rows(teacher_logits.detach()),
