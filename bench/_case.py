@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 
 import torch
@@ -44,7 +45,11 @@ def _is_oom(e):
 
 
 def run_case(case, provider_name, modes=MODES, device="cpu", timing=True, budget_s=1.0):
-    """List of result dicts (one per mode): status ok/oom/error, ms, ms_p20, ms_p80, peak_bytes, note."""
+    """List of result dicts (one per mode): status ok/oom/error, first_ms, ms, ms_p20, ms_p80, cpu_ms (CPU),
+    peak_bytes, note.
+
+    first_ms is the process's first call of the mode (torch.compile's compile, the custom ops' first-call
+    imports, lazy initialisation and first-touch page faults); it is neither in the peak nor in ms."""
     provider = PROVIDERS[provider_name]
     results = []
     try:
@@ -56,13 +61,14 @@ def run_case(case, provider_name, modes=MODES, device="cpu", timing=True, budget
         r = dict(mode=mode, status="ok", note="")
         try:
             fn = make_fn(provider, inp, case, mode)
-            if device == "cuda":
-                fn()  # warm-up: compiles, autotune and lazy init are not part of the peak or the time
-                harness.sync(device)
-            # On CPU the measured call is also the warm-up (nothing is compiled there; saves one call).
+            r["first_ms"] = harness.first_call_ms(fn, device)
             r["peak_bytes"] = harness.peak_extra_bytes(fn, device)
             if timing:
-                r["ms"], r["ms_p20"], r["ms_p80"] = harness.time_ms(fn, device, warmup=device == "cuda", budget_s=budget_s)
+                cpu_ms = []
+                r["ms"], r["ms_p20"], r["ms_p80"] = harness.time_ms(fn, device, warmup=False, budget_s=budget_s,
+                                                                    cpu_ms=cpu_ms)
+                if cpu_ms:
+                    r["cpu_ms"] = statistics.median(cpu_ms)
         except Exception as e:  # one failing provider must not stop the table
             r["status"] = "oom" if _is_oom(e) else "error"
             r["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"

@@ -4,6 +4,10 @@ Definitions (the same on every device, so rows compare):
 - time: median with p20 / p80 of one call. CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed
   between calls). CPU: a wall-clock loop after a warm-up call, at least ``CPU_MIN_REPS`` calls and about
   ``budget_s`` seconds.
+- CPU time (CPU only): the median process CPU time of the timed calls, all threads together; on a
+  machine shared with other jobs it is much less inflated by the load than the wall clock.
+- first call: wall-clock time of the first call in the case's process (compiles, lazy initialisation),
+  measured apart; the peak and the time above are taken after it.
 - peak memory: the extra memory one call needs over its live inputs, its outputs included (the gradient
   buffer in fwd_bwd). CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus
   ``memory_allocated`` before the call. CPU: the process's peak RSS (VmHWM, reset through
@@ -112,8 +116,23 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device: str, warmup: bool = True, budget_s: float = 1.0) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds of one call of ``fn`` (CPU: ``warmup=False`` when it just ran)."""
+def first_call_ms(fn, device: str) -> float:
+    """Wall-clock milliseconds of one call (the warm-up: torch.compile's compile happens here)."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    ms = (time.perf_counter() - t0) * 1e3
+    del out
+    return ms
+
+
+def time_ms(fn, device: str, warmup: bool = True, budget_s: float = 1.0,
+            cpu_ms: list | None = None) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of one call of ``fn`` (CPU: ``warmup=False`` when it just ran).
+
+    CPU: if ``cpu_ms`` is a list, the process CPU time of each timed call is appended to it (all threads;
+    on a machine shared with other jobs it moves much less than the wall clock)."""
     if device == "cuda":
         import triton.testing
         # do_bench repeats for `rep` ms: at least ~10 calls for slow providers (eager at 64k tokens takes
@@ -131,9 +150,12 @@ def time_ms(fn, device: str, warmup: bool = True, budget_s: float = 1.0) -> tupl
     times = []
     start = time.perf_counter()
     while len(times) < CPU_MAX_REPS and (len(times) < CPU_MIN_REPS or time.perf_counter() - start < budget_s):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
+        if cpu_ms is not None:
+            cpu_ms.append((time.process_time() - c0) * 1e3)
     return _quantiles(times)
 
 
@@ -227,20 +249,41 @@ CSV_COLUMNS = [
     "date", "device", "op", "case", "model", "N", "V", "H", "dtype", "config", "provider", "mode", "status",
     "ms", "ms_p20", "ms_p80", "peak_mb", "traffic_gb", "gbps", "pct_copy_bw", "copy_bw_gbps", "tflops",
     "speedup_vs_eager", "mem_ratio_vs_eager", "note", "torch", "triton", "liger", "python", "git_sha", "set",
+    "first_ms", "cpu_ms",
 ]
 
 
 def append_csv(rows: list[dict], path: str):
-    """Append rows (never overwrite); writes the header only for a new file."""
+    """Append rows (never overwrite); writes the header only for a new file. A file written before a
+    column was added (CSV_COLUMNS only grows, at the end) gets the new header, its rows the empty cells."""
     import csv
     os.makedirs(os.path.dirname(path), exist_ok=True)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        _add_new_columns(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         if new:
             w.writeheader()
         for r in rows:
             w.writerow({k: _fmt(r.get(k, "")) for k in CSV_COLUMNS})
+
+
+def _add_new_columns(path):
+    import csv
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    if header == CSV_COLUMNS:
+        return
+    if header != CSV_COLUMNS[:len(header)]:
+        raise ValueError(f"{path}: unexpected header {header}; expected a prefix of {CSV_COLUMNS}")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"{path}: added the column(s) {CSV_COLUMNS[len(header):]} (empty in its {len(rows)} earlier rows)")
 
 
 def _fmt(v):

@@ -6,7 +6,7 @@ w.r.t. the student logits (``sdar_loss``) or the hidden states and lm_head weigh
 optional dependency (Triton kernels, the fused-linear op, Liger-Kernel) is imported inside a function.
 
 - eager        trainer-style fp32 log_softmax + gather + gate + GRPO + entropy (bench/eager.py)
-- compile      torch.compile of eager (CUDA only: CPU inductor compiles take minutes)
+- compile      torch.compile of eager (inductor, static shapes); its compile is the first call, timed apart
 - sdar-torch   sdar_kernels, backend="torch" (the chunked CPU path)
 - sdar-triton  sdar_kernels, backend="triton" (CUDA; the CPU interpreter only in the correctness check)
 - liger        Liger-Kernel's fused cross-entropy (or fused-linear cross-entropy) for log p_S(y) and
@@ -55,12 +55,11 @@ class Eager(Provider):
 
 
 class Compile(Provider):
-    name = "compile"
+    """What a user gets by wrapping the eager loss in ``torch.compile``: static shapes (faster than
+    ``dynamic=True`` here: 1.15 s vs 1.76 s of CPU time at N=2048, V=32000, fp32, 1 thread). Each case
+    runs in a fresh process, so the compile is that process's first call (the harness's ``first_ms``)."""
 
-    def unavailable(self, case, device, timing=True):
-        if device != "cuda":
-            return "torch.compile is benchmarked on CUDA only (CPU inductor compiles take minutes)"
-        return None
+    name = "compile"
 
     @functools.cached_property
     def _fns(self):

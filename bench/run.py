@@ -119,6 +119,32 @@ def run_job(case, provider, modes, device, in_process, budget_s):
     return res
 
 
+def merge_rounds(rows):
+    """One row per (case, provider, mode) from the rows of several rounds: the median of each round's ms,
+    p20, p80, first-call time and peak; the note lists every round's ms and load. A failed round makes
+    the row that round's failure."""
+    import statistics
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["case"], r["provider"], r["mode"]), []).append(r)
+    merged = []
+    for group in groups.values():
+        bad = [r for r in group if r["status"] != "ok"]
+        if bad:
+            merged.append(bad[0])
+            continue
+        row = dict(group[0])
+        for k in ("ms", "ms_p20", "ms_p80", "cpu_ms", "first_ms", "peak_bytes"):
+            values = [r[k] for r in group if r.get(k) is not None]
+            if values:
+                row[k] = statistics.median(values)
+        loads = [r["note"].split("load1=")[-1] for r in group if "load1=" in r.get("note", "")]
+        row["note"] = (f"median of {len(group)} rounds; ms " + "/".join(f"{r['ms']:.0f}" for r in group if r.get("ms"))
+                       + (f"; load1 {'/'.join(loads)}" if loads else ""))
+        merged.append(row)
+    return merged
+
+
 def derive(rows, copy_bw):
     """GB/s, % of copy bandwidth, TFLOP/s and the ratios against eager (same case and mode)."""
     eager = {(r["case"], r["mode"]): r for r in rows if r["provider"] == "eager" and r["status"] == "ok"}
@@ -149,14 +175,16 @@ def _f(v, fmt):
 
 
 def format_table(rows, markdown=False):
-    hdr = ["case", "mode", "provider", "ms", "p20-p80", "peak MB", "GB/s", "% copy BW", "TFLOP/s",
+    hdr = ["case", "mode", "provider", "ms", "p20-p80", "cpu ms", "first call s", "peak MB", "GB/s", "% copy BW", "TFLOP/s",
            "speed x eager", "mem x eager", "note"]
     lines = []
     for r in rows:
         ok = r["status"] == "ok"
         ms = _f(r.get("ms"), ".2f") if ok else r["status"].upper()
         spread = f"{r['ms_p20']:.2f}-{r['ms_p80']:.2f}" if ok and r.get("ms_p20") is not None else ""
-        lines.append([r["case"], r["mode"], r["provider"], ms, spread, _f(r.get("peak_mb"), ".0f"),
+        first = _f(r["first_ms"] / 1e3, ".2f") if ok and r.get("first_ms") not in (None, "") else ""
+        cpu = _f(r.get("cpu_ms") or None, ".2f") if ok else ""
+        lines.append([r["case"], r["mode"], r["provider"], ms, spread, cpu, first, _f(r.get("peak_mb"), ".0f"),
                       _f(r.get("gbps"), ".1f"), _f(r.get("pct_copy_bw"), ".1f"), _f(r.get("tflops") or None, ".2f"),
                       _f(r.get("speedup_vs_eager"), ".2f"), _f(r.get("mem_ratio_vs_eager"), ".2f"),
                       "" if ok else r.get("note", "")])
@@ -213,12 +241,16 @@ def main(argv=None):
                     "(survives a timeout that kills the run before the table)")
     ap.add_argument("--budget", type=float, help="CPU: seconds of timed calls per case and mode "
                     "(default 0.3 quick, 1.0 otherwise; at least 3 calls)")
+    ap.add_argument("--rounds", type=int, default=1, help="run every (case, provider) this many times, round-robin "
+                    "(fresh processes on CPU), and report the median over the rounds (default 1)")
     ap.add_argument("--in-process", action="store_true",
                     help="CPU: run cases in this process instead of a fresh one each (peak RSS less isolated)")
     a = ap.parse_args(argv)
     if a.record and a.results:
         ap.error("--record writes into bench/results/; drop --results (or drop --record to write elsewhere)")
     a.results = a.results or (RESULTS if a.record else LOCAL_RESULTS)
+    if a.rounds < 1:
+        ap.error("--rounds must be at least 1")
 
     t_start = time.time()
     device = harness.device_kind()
@@ -235,8 +267,8 @@ def main(argv=None):
           f"liger {env['liger'] or '-'} | git {env['git_sha']} | set {set_name}"
           + (f" | load avg {load:.2f}" if load is not None else ""))
     if device == "cpu":
-        print("CPU timing: wall clock, median of >= 3 calls after a warm-up; peak = extra RSS over the inputs, "
-              "fresh process per case")
+        print("CPU timing: wall clock and process CPU time, median of >= 3 calls after the first call (timed apart); "
+              "peak = extra RSS over the inputs, fresh process per case")
 
     failed = False
     if not a.no_check:
@@ -260,20 +292,24 @@ def main(argv=None):
             print(f"  {name:<12} ({len(names)} cases): {reason}")
 
     budget = a.budget if a.budget is not None else (0.3 if set_name == "quick" else 1.0)
-    bar = _progress(len(jobs), "bench")
-    for case, name in jobs:
-        bar.set_postfix_str(f"{case.name} {name}")
-        for r in run_job(case, name, modes, device, a.in_process, budget):
-            rows.append(dict(env, op=case.op, case=case.name, model=case.model, N=case.N, V=case.V,
-                             H=case.H if case.op == "linear_sdar_loss" else "", dtype=case.dtype,
-                             config=case.config, provider=name, set=set_name, **r))
-            if load is not None:
-                rows[-1]["note"] = (rows[-1].get("note") or "") + f" load1={load:.1f}"
-            if a.jsonl:
-                with open(a.jsonl, "a") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
-        bar.update(1)
+    bar = _progress(len(jobs) * a.rounds, "bench")
+    for _ in range(a.rounds):   # round-robin: every provider sees the same load drift
+        for case, name in jobs:
+            bar.set_postfix_str(f"{case.name} {name}")
+            load_now = os.getloadavg()[0] if device == "cpu" else None
+            for r in run_job(case, name, modes, device, a.in_process, budget):
+                rows.append(dict(env, op=case.op, case=case.name, model=case.model, N=case.N, V=case.V,
+                                 H=case.H if case.op == "linear_sdar_loss" else "", dtype=case.dtype,
+                                 config=case.config, provider=name, set=set_name, **r))
+                if load_now is not None:
+                    rows[-1]["note"] = (rows[-1].get("note") or "") + f" load1={load_now:.1f}"
+                if a.jsonl:
+                    with open(a.jsonl, "a") as f:
+                        f.write(json.dumps(rows[-1]) + "\n")
+            bar.update(1)
     bar.close()
+    if a.rounds > 1:
+        rows = merge_rounds(rows)
     derive(rows, copy_bw)
     order = {n: i for i, n in enumerate(PROVIDERS)}
     rows.sort(key=lambda r: (r["op"], r["case"], r["mode"], order[r["provider"]]))

@@ -15,13 +15,32 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import functools  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fused-eager", action="store_true",
+                     help="run every call of the torch engine through its fused formulation (torch_fused.py, "
+                          "the one large CPU calls compile), eagerly: that formulation's math on any test "
+                          "without compiling (tests/test_torch_compiled.py runs the torch tests this way)")
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fused_eager(request, monkeypatch):
+    if not request.config.getoption("--fused-eager"):
+        return
+    from sdar_kernels import compiled
+    monkeypatch.setattr(compiled, "wanted", lambda device, elements: True)
+    monkeypatch.setattr(compiled, "cached",
+                        lambda fn, *, device, key=(), **constants: functools.partial(fn, **constants))
 
 
 @pytest.fixture

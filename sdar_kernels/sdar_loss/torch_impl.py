@@ -5,24 +5,29 @@ row statistics computed, and its gradient (README.md, "Gradient") written straig
 so the peak memory beyond the inputs is the gradient buffer plus a handful of fp32 chunk temporaries,
 not the several fp32 [N, V] copies (log-softmax, softmax, autograd saves) that eager code makes.
 The same function serves the fused-linear torch path, which hands it one token chunk of fp32 logits.
+
+Two formulations compute a chunk. This file's ``chunk_terms`` is written for eager torch: aten's fused
+log-softmax and in-place products, a dozen passes over the chunk. Large calls on CPU instead run
+torch_fused.py's formulation compiled by inductor (one loop per statistic and one for the gradient,
+nothing of size [n, V] stored), where compiling pays (sdar_kernels/compiled.py: the size threshold, the
+per-process cache, ``SDAR_KERNELS_TORCH_COMPILE``). Both give the same values to fp32 rounding.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
+from .. import compiled
+from . import torch_fused
 from .output import PER_TOKEN_FIELDS
 from .token_terms import token_terms
+from .torch_common import LOG_FLOOR, label_logprob, per_token_outputs, zero_masked_rows_
 
-# ~4M fp32 elements (16 MB) per chunk temporary; at most ~5 live at once.
+# ~4M fp32 elements (16 MB) per chunk temporary; at most ~5 live at once (eager formulation).
 CHUNK_ELEMENTS = 1 << 22
-
-# -inf logits (banned tokens) become this finite floor after the log-softmax, so 0 * log 0 terms are
-# 0 * -1e30 = 0 instead of NaN. exp(-1e30) is exactly 0, so no value changes.
-LOG_FLOOR = -1e30
-
 
 
 class _RowDot:
@@ -66,10 +71,11 @@ def sdar_rows_torch(x, weights, grad=None):
     """
     N, V = x.labels.shape[0], x.logits.shape[-1]
     out = {k: torch.zeros(N, dtype=torch.float32, device=x.logits.device) for k in PER_TOKEN_FIELDS}
+    run = chunk_function(x, grad)
     for sl in row_chunks(N, V, x.logits, x.teacher_logits):
-        terms = _chunk(x, sl, weights[sl], None if grad is None else token_rows_slice(grad, sl))
-        for k in PER_TOKEN_FIELDS:
-            out[k][sl] = terms[k]
+        terms = run(*_chunk_args(x, sl, weights, grad))
+        for k, v in zip(PER_TOKEN_FIELDS, terms, strict=True):
+            out[k][sl] = v
     return out
 
 
@@ -83,6 +89,33 @@ def row_chunks(N, V, *tensors):
             yield slice(r0, min(s0 + per_seq, r0 + rows))
 
 
+def chunk_function(x, grad):
+    """The chunk function for these inputs: torch_fused's compiled passes where compiling pays
+    (``compiled.wanted``), else the eager ``chunk_terms``."""
+    device = x.logits.device
+    if compiled.wanted(device, x.labels.shape[0] * x.logits.shape[-1]):
+        return torch_fused.chunk_function(x.options, device, x.logits, x.teacher_logits, grad)
+    return functools.partial(chunk_terms, options=x.options)
+
+
+def _chunk_args(x, sl, weights, grad):
+    """The positional arguments of ``chunk_terms`` for rows ``sl``."""
+    logits = token_rows_slice(x.logits, sl)
+
+    def side(t):
+        return None if t is None else t[sl]
+
+    if grad is None:
+        grad_rows = None
+    elif grad is x.logits:
+        grad_rows = logits   # the gradient overwrites the logits (in-place schedules): one object, read first
+    else:
+        grad_rows = token_rows_slice(grad, sl)
+    teacher = None if x.teacher_logits is None else token_rows_slice(x.teacher_logits, sl)
+    return (logits, teacher, x.labels[sl], x.mask[sl], weights[sl], side(x.teacher_logprobs),
+            side(x.advantages), side(x.old_logprobs), side(x.ref_logprobs), grad_rows)
+
+
 def token_rows_slice(t, sl):
     """Rows ``sl`` (never crossing a sequence) of an [N, V] or [B, T, V] tensor, as an [n, V] view."""
     if t.dim() == 2:
@@ -92,17 +125,17 @@ def token_rows_slice(t, sl):
     return t[b, sl.start - b * T: sl.stop - b * T]
 
 
-def _chunk(x, sl, w, grad):
-    o = x.options
+def chunk_terms(logits, teacher_logits, labels, keep, w, teacher_logprobs, advantages, old_logprobs,
+                ref_logprobs, grad, *, options):
+    """Per-token terms of one chunk of rows ([n, V] logits) as a tuple in ``PER_TOKEN_FIELDS`` order, and,
+    if ``grad`` is given, w_t * dl_t/dz_S written into it (``grad`` may be ``logits`` itself)."""
+    o = options
+    V = logits.shape[-1]
     inv_tau = 1.0 / o.temperature
-    keep = x.mask[sl]
-    y = x.labels[sl].clamp(0, x.logits.shape[-1] - 1)[:, None]  # masked rows may hold ignore labels
+    y = labels.clamp(0, V - 1)[:, None]  # masked rows may hold ignore labels
 
-    logp_all, logp = _log_softmax_fp32(token_rows_slice(x.logits, sl), inv_tau, y)  # log p_S
-    # an out-of-range label on an unmasked row (only possible where it is not checked: inside a compiled
-    # graph, or on CUDA) poisons its row with NaN, as the Triton kernel does
-    labels = x.labels[sl]
-    logp = torch.where((labels >= 0) & (labels < x.logits.shape[-1]) | ~keep, logp, float("nan"))
+    logp_all, logp = _log_softmax_fp32(logits, inv_tau, y)  # log p_S
+    logp = label_logprob(logp, labels, keep, V)
     p = torch.exp(logp_all)
     rowdot = _RowDot(p)
     entropy = -rowdot(p, logp_all)
@@ -110,22 +143,19 @@ def _chunk(x, sl, w, grad):
     nonfinite = logp.isnan()
 
     logp_teacher, divergence, div_grad = None, None, None
-    if x.teacher_logits is not None:
-        logq_all, logp_teacher = _log_softmax_fp32(token_rows_slice(x.teacher_logits, sl), inv_tau, y)  # log p_T
+    if teacher_logits is not None:
+        logq_all, logp_teacher = _log_softmax_fp32(teacher_logits, inv_tau, y)  # log p_T
         nonfinite = nonfinite | logp_teacher.isnan()
         if o.full_vocab_distill:
             divergence, div_grad = _divergence(o, logp_all, p, logq_all, entropy, rowdot,
                                                want_grad=grad is not None)
         del logq_all
-    elif x.teacher_logprobs is not None:
-        logp_teacher = x.teacher_logprobs[sl]
-
-    def side(t):
-        return None if t is None else t[sl]
+    elif teacher_logprobs is not None:
+        logp_teacher = teacher_logprobs
 
     t = token_terms(logp=logp, entropy=entropy, mask=keep, options=o, logp_teacher=logp_teacher,
-                    divergence=divergence, advantages=side(x.advantages),
-                    old_logprobs=side(x.old_logprobs), ref_logprobs=side(x.ref_logprobs))
+                    divergence=divergence, advantages=advantages, old_logprobs=old_logprobs,
+                    ref_logprobs=ref_logprobs)
 
     if grad is not None:
         coef = t.coef(w)
@@ -143,16 +173,11 @@ def _chunk(x, sl, w, grad):
             dst.add_(div_grad.mul_(t.distill_scale(w, o.distill_coef)[:, None]))
         if inv_tau != 1.0:
             dst.mul_(inv_tau)
-        dst.masked_fill_(~keep[:, None], 0.0)  # exact zeros on masked rows, whatever their logits held
+        zero_masked_rows_(dst, keep)
         if dst is not grad:
             grad.copy_(dst)
 
-    return dict(loss=t.loss, logprobs=torch.where(keep, logp, 0.0), entropy=torch.where(keep, entropy, 0.0),
-                gate=t.gate, gap=t.gap, distill=t.distill, pg=t.pg, clipped=t.clipped,
-                clipped_lower=t.clipped_lower, ppo_kl=t.ppo_kl, kl=t.kl,
-                nonfinite=(nonfinite & keep).to(torch.float32),
-                logp_teacher=torch.where(keep, logp_teacher, 0.0) if logp_teacher is not None
-                else torch.zeros_like(logp))
+    return per_token_outputs(t, keep, logp, entropy, nonfinite, logp_teacher)
 
 
 def _divergence(o, logp_all, p, logq_all, entropy, rowdot, want_grad):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..sdar_loss.torch_common import zero_masked_rows_
 from ..sdar_loss.torch_impl import _log_softmax_fp32, row_chunks, token_rows_slice
 
 F32 = torch.float32
@@ -95,6 +96,6 @@ def token_rows_backward(x, grad_logprobs, grad_entropy, entropy, grad):
         dst.scatter_add_(1, y, g_lp)
         if inv_tau != 1.0:
             dst.mul_(inv_tau)
-        dst.masked_fill_(~keep[:, None], 0.0)   # exact zeros on masked rows, whatever their logits held
+        zero_masked_rows_(dst, keep)   # exact zeros on masked rows, whatever their logits held
         if dst is not dst_chunk:
             dst_chunk.copy_(dst)
