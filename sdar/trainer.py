@@ -1,21 +1,29 @@
 """The thin SDAR training loop: rollouts -> advantages / old / teacher / reference log-probs -> updates.
 
 One step:
-1. sample ``tasks_per_step`` train instances; play ``group_size`` episodes of each (temperature sampling);
-2. episode reward -> GRPO advantage normalised within the group, broadcast to every token of every step;
-3. with the pre-update policy (no grad): old log-probs, teacher log-probs (the same model with the skill
-   prefix, on the student's tokens; the released form) and reference log-probs (the frozen start model);
-4. ``mini_batches`` updates over the step's samples (one epoch, micro-batched, token-mean over the whole
-   mini-batch): ``sdar_kernels.sdar_loss`` on the loss rows' logits, or ``linear_sdar_loss`` on hidden
-   states and the lm_head weight (``fused_linear``), or the eager reference (``loss_backend="eager"``);
-   full-vocabulary divergences (distill fkl / rkl / jsd) take live teacher logits instead; AdamW, clipping.
+1. sample ``tasks_per_step`` train instances of the task; play ``group_size`` episodes of each
+   (temperature sampling);
+2. every training row (an environment step in the released layout) gets the episode's reward, minus
+   the invalid-action penalty on the row of the invalid step (verl-agent); GRPO normalises the rows'
+   scores within the group, counting every row (``cross_steps``, verl-agent's default) or one per episode;
+3. with the pre-update weights (no grad): old log-probs, teacher log-probs (the same weights with the
+   skill prefix, on the student's tokens; the released form) and reference log-probs (the frozen start
+   model) of every loss token; the full-vocabulary divergences (distill fkl / rkl / jsd) read teacher
+   logits from a copy of the pre-update weights in each micro-batch, so every distill form has the same
+   ("old") teacher;
+4. the rows are shuffled (seeded) and split into ``mini_batches`` AdamW steps (one epoch, micro-batched,
+   token-mean over the whole mini-batch): ``sdar_kernels.sdar_loss`` on the loss rows' logits, or
+   ``linear_sdar_loss`` on hidden states and the lm_head weight (``fused_linear``), or the eager reference
+   (``loss_backend="eager"``); gradient clipping.
 
 Only the rows that carry loss (the response tokens) are projected to the vocabulary: hidden states of the
 decoder's final norm are gathered first, so the [N, V] logits never include prompt or padding positions.
+The task is any object with the :mod:`sdar.task` protocol; the default is the embedded towers task.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -29,39 +37,57 @@ import torch
 import sdar_kernels
 from sdar_kernels.reference import sdar_loss_reference
 
+from .checkpoint import STATE_FILE, load_state, python_rng_state, save_state, set_python_rng_state
 from .config import SDARConfig
-from .env import TowerConfig, make_instance
+from .diagnostics import GateStats, outcome
 from .models import TinyConfig, ensure_tiny, load_model
 from .rollout import autocast_for, run_episodes
 from .samples import LAYOUTS, collate, grpo_advantages, shifted_rows, step_samples
+from .task import check_task
+from .towers import NOISE_KINDS, Towers, TowersConfig
 
 METHODS = ("grpo", "grpo_opsd", "sdar", "opsd")
 FULL_VOCAB = ("fkl", "rkl", "jsd")
+# metrics that only exist when a teacher is in the loss; a run without distillation does not log them
+DISTILL_METRICS = ("gate_mean", "gate_active_ratio", "gap_mean", "distill_loss")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     method: str = "sdar"
-    steps: int = 40
+    steps: int = 100
     tasks_per_step: int = 8
     group_size: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     mini_batches: int = 2          # optimizer steps per rollout batch (one epoch over it)
     micro_batch: int = 128         # samples per forward/backward
+    shuffle: bool = True           # shuffle the rows before splitting them into mini-batches
+    cross_steps: bool = True       # GRPO group statistics over every step row (verl-agent's default)
+    invalid_penalty: float = 0.1   # verl-agent's invalid_action_penalty_coef
+    penalty_per_step: bool = True  # on the invalid step's row (verl-agent); False: on the whole episode
     layout: str = "released"
     history: int = 2
     max_new_tokens: int = 3
+    # the towers task (ignored when a task object is passed to the Trainer)
+    floors: int = 3
+    max_turns: int | None = None   # None: floors + 1
+    features: int = 2
+    values: int = 6
     skill_noise: float = 0.25
+    noise_kind: str = "mixed"
+    holdout: int = 4
+    world_seed: int = 0
+    signs: bool = True
     train_instances: int = 1024
     eval_instances: int = 128
     eval_temperature: float = 0.4  # verl-agent's validation temperature; 0: greedy
-    eval_every: int = 10
+    eval_every: int = 5
     save_every: int = 0            # 0: checkpoint at the end only
     seed: int = 0
     model: str | None = None       # local HF checkpoint; None: the embedded tiny model
-    warmup_steps: int = 300        # tiny model only
+    warmup_steps: int = 600        # tiny model only
     vocab_size: int = 0            # tiny model only: >0 pads its vocabulary (to measure the loss at scale)
     cache_dir: str | None = None
     loss_backend: str = "fused"    # "fused" (sdar_kernels) | "eager" (the plain eager reference)
@@ -90,20 +116,31 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "warmup_steps", "history"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        for name in ("lr", "weight_decay", "max_grad_norm", "invalid_penalty"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and (v > 0 if name in ("lr", "max_grad_norm") else v >= 0)):
+                raise ValueError(f"{name} must be a finite number {'> 0' if name in ('lr', 'max_grad_norm') else '>= 0'}, "
+                                 f"got {v}")
         if self.method == "grpo" and self.distill_coef not in (None, 0, 0.0):
             raise ValueError(f"distill_coef: method 'grpo' has no distillation term, got {self.distill_coef}")
         if not (self.eval_temperature >= 0 and math.isfinite(self.eval_temperature)):
             raise ValueError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
+        if self.noise_kind not in NOISE_KINDS:
+            raise ValueError(f"noise_kind must be one of {NOISE_KINDS}, got {self.noise_kind!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        self.towers_config()   # the task's own checks (floors, turns, features, values, noise)
+        self.loss_config()     # and the loss's (distill, gate_beta, distill_coef)
 
     def loss_config(self) -> SDARConfig:
         over = {k: v for k, v in (("distill", self.distill), ("distill_coef", self.distill_coef),
                                   ("gate_beta", self.gate_beta)) if v is not None}
         return SDARConfig.for_method(self.method, group_size=self.group_size, **over)
 
-    def env_config(self) -> TowerConfig:
-        return TowerConfig(skill_noise=self.skill_noise)
+    def towers_config(self) -> TowersConfig:
+        return TowersConfig(floors=self.floors, max_turns=self.max_turns, features=self.features,
+                            values=self.values, skill_noise=self.skill_noise, noise_kind=self.noise_kind,
+                            holdout=self.holdout, world_seed=self.world_seed, signs=self.signs)
 
     def tiny_config(self) -> TinyConfig:
         return TinyConfig(warmup_steps=self.warmup_steps, vocab_size=self.vocab_size)
@@ -112,7 +149,17 @@ class TrainConfig:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"device {name!r} requested but {why} (torch {torch.__version__}); "
+                         f"use --device cpu or --device auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    return dev
 
 
 def masked_rows(model, ids, attn, pos, select, width):
@@ -141,30 +188,39 @@ def row_logprobs(model, hidden, labels, temperature, max_elems=1 << 24):
 
 
 class Trainer:
-    """Holds the policy, the frozen reference, the optimizer and every RNG; ``run()`` trains."""
+    """Holds the task, the policy, the frozen reference, the optimizer and every RNG; ``run()`` trains."""
 
-    def __init__(self, cfg: TrainConfig, out_dir, *, log=print, progress=True):
+    def __init__(self, cfg: TrainConfig, out_dir, *, task=None, log=print, progress=True):
         self.cfg, self.out, self.log, self.progress = cfg, Path(out_dir), log, progress
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = pick_device(cfg.device)
+        self.task = task if task is not None else Towers(cfg.towers_config())
+        check_task(self.task)
         self.loss_cfg = cfg.loss_config()
-        self.env_cfg = cfg.env_config()
+        self.distills = self.loss_cfg.distill_coef > 0
+        self.live_teacher = self.distills and self.loss_cfg.distill in FULL_VOCAB
+        if cfg.fused_linear and not hasattr(sdar_kernels, "linear_sdar_loss"):
+            raise ValueError("fused_linear: this sdar_kernels has no linear_sdar_loss")
         if cfg.model is None:
-            self.source = ensure_tiny(cfg.tiny_config(), self.env_cfg, cfg.history, cfg.cache_dir, log=log)
+            self.source = ensure_tiny(cfg.tiny_config(), self.task, cfg.history, cfg.cache_dir, log=log)
         else:
             self.source = Path(cfg.model)
         self.model, self.codec = load_model(self.source, self.device)
-        self.ref, _ = load_model(self.source, self.device)
-        self.ref.requires_grad_(False).eval()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ref = None
+        if self.loss_cfg.kl_coef > 0:
+            self.ref, _ = load_model(self.source, self.device)
+            self.ref.requires_grad_(False).eval()
+        self.teacher_model = None     # the pre-update weights, for the live-teacher forms
+        self.opt = self.new_optimizer()
         self.step = 0
         self.task_rng = random.Random(f"tasks:{cfg.seed}")
+        self.shuffle_rng = random.Random(f"shuffle:{cfg.seed}")
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed)
-        self.eval_set = [make_instance(self.env_cfg, "eval", i) for i in range(cfg.eval_instances)]
-        self.live_teacher = self.loss_cfg.distill in FULL_VOCAB
-        if cfg.fused_linear and not hasattr(sdar_kernels, "linear_sdar_loss"):
-            raise ValueError("fused_linear: this sdar_kernels has no linear_sdar_loss")
+        self.eval_set = [self.task.instance("eval", i) for i in range(cfg.eval_instances)]
+
+    def new_optimizer(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     # ------------------------------------------------------------------------------------ state
     def checkpoint_dir(self) -> Path:
@@ -176,29 +232,29 @@ class Trainer:
         tmp.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(tmp)
         self.codec.tokenizer.save_pretrained(tmp)
-        torch.save({
+        save_state(tmp / STATE_FILE, {
             "step": self.step, "config": asdict(self.cfg), "source": str(self.source),
-            "optimizer": self.opt.state_dict(), "task_rng": self.task_rng.getstate(),
+            "optimizer": self.opt.state_dict(),
+            "task_rng": python_rng_state(self.task_rng), "shuffle_rng": python_rng_state(self.shuffle_rng),
             "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }, tmp / "trainer_state.pt")
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        })
         if ck.exists():
+            import shutil
             old = self.out / "checkpoint.old"
             ck.rename(old)
             tmp.rename(ck)
-            import shutil
             shutil.rmtree(old)
         else:
             tmp.rename(ck)
 
     def resume(self) -> bool:
-        """Continue from ``out/checkpoint`` if there is one (same config up to ``steps``)."""
+        """Continue from ``out/checkpoint`` if there is one (same config up to ``steps`` and logging)."""
         ck = self.checkpoint_dir()
-        if not (ck / "trainer_state.pt").exists():
+        if not (ck / STATE_FILE).exists():
             return False
-        st = torch.load(ck / "trainer_state.pt", weights_only=False)
-        saved = dict(st["config"])
-        mine = asdict(self.cfg)
+        st = load_state(ck / STATE_FILE)
+        saved, mine = dict(st["config"]), asdict(self.cfg)
         for k in ("steps", "eval_every", "save_every", "device", "cache_dir"):
             saved.pop(k, None)
             mine.pop(k, None)
@@ -206,13 +262,14 @@ class Trainer:
         if diff:
             raise ValueError(f"resume: the checkpoint was trained with a different config: {diff}")
         self.model, self.codec = load_model(ck, self.device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.opt = self.new_optimizer()
         self.opt.load_state_dict(st["optimizer"])
         self.step = st["step"]
-        self.task_rng.setstate(st["task_rng"])
+        set_python_rng_state(self.task_rng, st["task_rng"])
+        set_python_rng_state(self.shuffle_rng, st["shuffle_rng"])
         self.gen.set_state(st["generator"])
         torch.set_rng_state(st["torch_rng"])
-        if st["cuda_rng"] is not None and torch.cuda.is_available():
+        if st["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(st["cuda_rng"])
         self._truncate_metrics()
         self.log(f"resumed from {ck} at step {self.step}")
@@ -230,49 +287,67 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ pieces
     def collect(self):
+        """Roll out one step's groups. Returns (samples with their GRPO scores, advantages, stats)."""
         cfg = self.cfg
         idx = [self.task_rng.randrange(cfg.train_instances) for _ in range(cfg.tasks_per_step)]
-        instances = [make_instance(self.env_cfg, "train", i) for i in idx for _ in range(cfg.group_size)]
-        groups = [g for g in range(cfg.tasks_per_step) for _ in range(cfg.group_size)]
+        instances = [self.task.instance("train", i) for i in idx for _ in range(cfg.group_size)]
         self.model.eval()
         episodes, envs = run_episodes(
-            self.model, self.codec, self.env_cfg, instances, layout=cfg.layout, history=cfg.history,
+            self.model, self.codec, self.task, instances, layout=cfg.layout, history=cfg.history,
             max_new_tokens=cfg.max_new_tokens, temperature=self.loss_cfg.temperature, generator=self.gen,
             device=self.device)
-        rewards = [e.reward for e in envs]
-        adv = grpo_advantages(rewards, groups)
+        samples = step_samples(episodes, cfg.layout)
+        per_episode_penalty = not cfg.penalty_per_step or cfg.layout == "concat"
+        for s in samples:
+            env = envs[s.episode]
+            invalid = [not t.valid for t in env.turns]
+            if per_episode_penalty:
+                s.score = env.reward - cfg.invalid_penalty * sum(invalid)
+            else:      # released layout: one row per step; the penalty lands on the invalid step's row
+                s.score = env.reward - cfg.invalid_penalty * invalid[max(s.steps)]
+            s.meta = {"skill_kind": instances[s.episode].skill_kind,
+                      "outcomes": [outcome(t) for t in env.turns]}
+        groups = [s.episode // cfg.group_size for s in samples]
+        adv = grpo_advantages([s.score for s in samples], groups, [s.episode for s in samples],
+                              cross_steps=cfg.cross_steps)
+        n_turns = sum(len(e.turns) for e in envs)
         stats = {
-            "reward": sum(rewards) / len(rewards),
+            "reward": sum(e.reward for e in envs) / len(envs),
             "success": sum(e.success for e in envs) / len(envs),
-            "invalid_rate": sum(e.invalid for e in envs) / max(sum(len(e.turns) for e in envs), 1),
-            "turns": sum(len(e.turns) for e in envs) / len(envs),
-            "skill_correct": sum(i.skill_correct for i in instances) / len(instances),
+            "invalid_rate": sum(not t.valid for e in envs for t in e.turns) / max(n_turns, 1),
+            "turns": n_turns / len(envs),
+            "skill_correct": sum(i.skill_kind == "correct" for i in instances) / len(instances),
         }
-        return step_samples(episodes, cfg.layout), adv, stats
+        return samples, adv, stats
 
-    def batches(self, samples, with_teacher=True):
+    def batches(self, samples, with_teacher):
         mb = self.cfg.micro_batch
         for i in range(0, len(samples), mb):
-            yield collate(samples[i:i + mb], self.codec.pad_id, with_teacher=with_teacher,
-                          max_teacher_len=self.cfg.max_teacher_len,
-                          max_skill_tokens=self.cfg.max_skill_tokens).to(self.device)
+            yield samples[i:i + mb], collate(samples[i:i + mb], self.codec.pad_id, with_teacher=with_teacher,
+                                             max_teacher_len=self.cfg.max_teacher_len,
+                                             max_skill_tokens=self.cfg.max_skill_tokens).to(self.device)
 
     @torch.no_grad()
     def prepare(self, samples):
-        """old / teacher / reference log-probs of every loss token, with the pre-update weights."""
+        """old / teacher / reference log-probs of every loss token, with the pre-update weights
+        (teacher and reference are None when the loss does not use them)."""
         tau = self.loss_cfg.temperature
         old, teacher, ref = [], [], []
         self.model.eval()
-        for b in self.batches(samples):
+        want_teacher = self.distills and not self.live_teacher
+        for _, b in self.batches(samples, with_teacher=want_teacher):
             width = b.input_ids.shape[1]
             with autocast_for(self.device):
                 h = masked_rows(self.model, b.input_ids, b.attention_mask, b.position_ids, b.select, width)
-                ht = masked_rows(self.model, *b.teacher, b.select, width)
-                hr = masked_rows(self.ref, b.input_ids, b.attention_mask, b.position_ids, b.select, width)
                 old.append(row_logprobs(self.model, h, b.labels, tau))
-                teacher.append(row_logprobs(self.model, ht, b.labels, tau))
-                ref.append(row_logprobs(self.ref, hr, b.labels, tau))
-        return torch.cat(old), torch.cat(teacher), torch.cat(ref)
+                if want_teacher:
+                    ht = masked_rows(self.model, *b.teacher, b.select, width)
+                    teacher.append(row_logprobs(self.model, ht, b.labels, tau))
+                if self.ref is not None:
+                    hr = masked_rows(self.ref, b.input_ids, b.attention_mask, b.position_ids, b.select, width)
+                    ref.append(row_logprobs(self.ref, hr, b.labels, tau))
+        cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
+        return cat(old), cat(teacher), cat(ref)
 
     def loss_fn(self):
         if self.cfg.loss_backend == "eager":
@@ -282,62 +357,86 @@ class Trainer:
     def micro_loss(self, b, adv_tok, old, tlp, ref, num_tokens):
         cfg, lc = self.cfg, self.loss_cfg
         width = b.input_ids.shape[1]
-        tensors = {"ref_logprobs": ref} if lc.kl_coef > 0 else {}
+        kw = lc.loss_kwargs()
+        tensors = {}
+        if ref is not None:
+            tensors["ref_logprobs"] = ref
         if lc.use_policy_gradient:
             tensors.update(advantages=adv_tok, old_logprobs=old)
+        if not self.distills:
+            kw["distill_coef"] = 0.0
         with autocast_for(self.device):
             h = masked_rows(self.model, b.input_ids, b.attention_mask, b.position_ids, b.select, width)
             th = None
             if self.live_teacher:
                 with torch.no_grad():
-                    th = masked_rows(self.model, *b.teacher, b.select, width).detach()
-            else:
+                    th = masked_rows(self.teacher_model, *b.teacher, b.select, width).detach()
+            elif tlp is not None:
                 tensors["teacher_logprobs"] = tlp
-            kw = dict(lc.loss_kwargs(), num_tokens=num_tokens, **tensors)
+            kw.update(num_tokens=num_tokens, **tensors)
             if cfg.fused_linear:
                 head = self.model.get_output_embeddings()
-                if th is not None:  # the teacher shares the lm_head weight; no gradient flows to it
+                if th is not None:  # the pre-update lm_head projects the teacher; no gradient flows to it
                     kw["teacher_hidden"] = th
+                    t_head = self.teacher_model.get_output_embeddings()
+                    kw["teacher_weight"] = t_head.weight.to(h.dtype)
+                    kw["teacher_bias"] = getattr(t_head, "bias", None)
                 return sdar_kernels.linear_sdar_loss(h, head.weight.to(h.dtype), b.labels,
                                                      bias=getattr(head, "bias", None), **kw)
             logits = project(self.model, h)
             if th is not None:
-                kw["teacher_logits"] = project(self.model, th).detach()
+                kw["teacher_logits"] = project(self.teacher_model, th).detach()
             return self.loss_fn()(logits, b.labels, **kw)
+
+    def snapshot_teacher(self):
+        """The live-teacher forms read the pre-update weights: copy them before the first update."""
+        if self.teacher_model is None:
+            self.teacher_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        else:
+            self.teacher_model.load_state_dict(self.model.state_dict())
 
     def update(self, samples, adv):
         cfg = self.cfg
+        if cfg.shuffle:   # rows (and their advantages) in a seeded random order before the split
+            order = list(range(len(samples)))
+            self.shuffle_rng.shuffle(order)
+            samples, adv = [samples[i] for i in order], adv[order]
         old, tlp, ref = self.prepare(samples)
+        if self.live_teacher:
+            self.snapshot_teacher()
         self.model.train()
-        # split the step's samples into mini-batches (whole samples; token offsets tracked)
         n_tok = [sum(s.loss_mask[1:]) for s in samples]
         offsets = [0]
         for n in n_tok:
             offsets.append(offsets[-1] + n)
         per = math.ceil(len(samples) / cfg.mini_batches)
         agg, count, gnorms = {}, 0, []
+        gates = GateStats(self.codec.eos_id) if self.distills else None
+        pick = lambda x, lo, hi: None if x is None else x[lo:hi]  # noqa: E731
         for m in range(0, len(samples), per):
-            chunk = samples[m:m + per]
+            chunk, chunk_adv = samples[m:m + per], adv[m:m + per]
             total = offsets[m + len(chunk)] - offsets[m]
             if total == 0:
                 continue
             self.opt.zero_grad(set_to_none=True)
-            t0 = offsets[m]
-            for j in range(0, len(chunk), cfg.micro_batch):
-                sub = chunk[j:j + cfg.micro_batch]
-                b = next(iter(self.batches(sub, with_teacher=self.live_teacher)))
-                lo = t0
+            lo = offsets[m]
+            for j, (sub, b) in enumerate(self.batches(chunk, with_teacher=self.live_teacher)):
                 hi = lo + b.num_tokens
-                t0 = hi
-                adv_tok = adv.to(self.device)[b.token_episode]
-                out = self.micro_loss(b, adv_tok, old[lo:hi], tlp[lo:hi], ref[lo:hi], float(total))
+                adv_tok = chunk_adv[j * cfg.micro_batch:][b.token_row].to(self.device)
+                out = self.micro_loss(b, adv_tok, old[lo:hi], pick(tlp, lo, hi), pick(ref, lo, hi), float(total))
                 out.loss.backward()
                 for k, v in out.metrics.items():
                     agg[k] = agg.get(k, 0.0) + float(v) * b.num_tokens
+                if gates is not None:
+                    gates.add(b, sub, out.gate, out.gap)
                 count += b.num_tokens
+                lo = hi
             gnorms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)))
             self.opt.step()
-        metrics = {k: v / max(count, 1) for k, v in agg.items()}
+        metrics = {k: v / max(count, 1) for k, v in agg.items()
+                   if self.distills or k not in DISTILL_METRICS}
+        if gates is not None:
+            metrics.update(gates.metrics())
         metrics["grad_norm"] = sum(gnorms) / max(len(gnorms), 1)
         metrics["tokens"] = count
         return metrics
@@ -345,18 +444,21 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, with_skill=False) -> float:
         """Success rate on the held-out instances (the student: no skill in its context; ``with_skill``:
-        the same model acting with the retrieved skill, i.e. the teacher). Sampled at
+        the same weights acting with the retrieved skill, i.e. the teacher). Sampled at
         ``eval_temperature`` from a generator with a fixed seed, the same for every run and step (common
         random numbers), so differences between runs are differences between policies."""
         self.model.eval()
         t = self.cfg.eval_temperature
         gen = torch.Generator(device=self.device)
         gen.manual_seed(1234)
-        _, envs = run_episodes(self.model, self.codec, self.env_cfg, self.eval_set, layout=self.cfg.layout,
+        _, envs = run_episodes(self.model, self.codec, self.task, self.eval_set, layout=self.cfg.layout,
                                history=self.cfg.history, max_new_tokens=self.cfg.max_new_tokens,
                                greedy=t == 0, temperature=t if t > 0 else 1.0, generator=gen,
                                with_skill=with_skill, device=self.device)
         return sum(e.success for e in envs) / len(envs)
+
+    def eval_record(self) -> dict:
+        return {"eval/success": self.evaluate(), "eval/teacher_success": self.evaluate(with_skill=True)}
 
     # ------------------------------------------------------------------------------------ loop
     def train_step(self) -> dict:
@@ -383,7 +485,7 @@ class Trainer:
             self.resume()
         records = []
         if self.step == 0 and cfg.eval_every:
-            rec = {"step": 0, "eval/success": self.evaluate(), "eval/teacher_success": self.evaluate(True)}
+            rec = {"step": 0, **self.eval_record()}
             self.write(rec)
             records.append(rec)
         bar = None
@@ -395,16 +497,16 @@ class Trainer:
             rec = self.train_step()
             last = self.step == cfg.steps
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
-                rec["eval/success"] = self.evaluate()
-                if last:
-                    rec["eval/teacher_success"] = self.evaluate(True)
+                rec.update(self.eval_record())
             self.write(rec)
             records.append(rec)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(reward=f"{rec['reward']:.2f}", succ=f"{rec['success']:.2f}",
-                                gate=f"{rec['gate_mean']:.2f}", active=f"{rec['gate_active_ratio']:.2f}",
-                                refresh=False)
+                post = {"reward": f"{rec['reward']:.2f}", "succ": f"{rec['success']:.2f}",
+                        "entropy": f"{rec['entropy']:.2f}"}
+                if "gate/right-correct" in rec:
+                    post["gate_right"] = f"{rec['gate/right-correct']:.2f}"
+                bar.set_postfix(post, refresh=False)
             if (cfg.save_every and self.step % cfg.save_every == 0) or last:
                 self.save()
         if bar is not None:
@@ -412,8 +514,8 @@ class Trainer:
         return records
 
 
-def train(cfg: TrainConfig, out_dir, *, resume=False, log=print, progress=True) -> list:
-    return Trainer(cfg, out_dir, log=log, progress=progress).run(resume=resume)
+def train(cfg: TrainConfig, out_dir, *, task=None, resume=False, log=print, progress=True) -> list:
+    return Trainer(cfg, out_dir, task=task, log=log, progress=progress).run(resume=resume)
 
 
 def config_from_dict(d: dict) -> TrainConfig:
