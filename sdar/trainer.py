@@ -58,7 +58,7 @@ class TrainConfig:
     steps: int = 100
     tasks_per_step: int = 8
     group_size: int = 8
-    lr: float = 3e-4
+    lr: float = 1e-4
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     mini_batches: int = 2          # optimizer steps per rollout batch (one epoch over it)
