@@ -50,20 +50,22 @@ class Variant:
 
 def _sdar_rows_variants():
     """sdar_kernels/sdar_loss/kernels.py:sdar_rows_kernel at the launches of the headline benchmark."""
+    import torch
+
+    from sdar_kernels.sdar_loss.kernels import DISTILL_CODES
+    from sdar_kernels.sdar_loss.launch import tile_config
     out = []
-    try:
-        from sdar_kernels.sdar_loss.kernels import DISTILL_CODES
-        from sdar_kernels.sdar_loss.launch import _block_and_warps
-    except Exception:  # kernel not in this checkout
-        return out
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     for label, N, V, dt, distill, fused in [
         ("qwen3 N8k bf16 official fwd+grad", 8192, 151936, "bf16", "sampled", True),
         ("qwen3 N8k bf16 official loss only", 8192, 151936, "bf16", "sampled", False),
         ("gemma3 N8k bf16 official fwd+grad (i64 strides)", 8192, 262144, "bf16", "sampled", True),
+        ("qwen3 N8k bf16 fkl fwd+grad", 8192, 151936, "bf16", "fkl", True),
+        ("qwen3 N8k bf16 rkl fwd+grad", 8192, 151936, "bf16", "rkl", True),
         ("qwen3 N8k bf16 jsd fwd+grad", 8192, 151936, "bf16", "jsd", True),
         ("qwen3 N8k fp32 official fwd+grad", 8192, 151936, "fp32", "sampled", True),
     ]:
-        block, warps = _block_and_warps(V)
+        block_r, vec, warps = tile_config(V, dtypes[dt])
         entropy = distill == "sampled"
         args = dict(
             grad_ptr=Ptr(dt), out_ptr=Ptr("fp32"), stats_ptr=Ptr("fp32"),
@@ -73,12 +75,12 @@ def _sdar_rows_variants():
             stride_logits_b=N * V, stride_logits_t=V, stride_teacher_b=N * V, stride_teacher_t=V,
             stride_grad_b=N * V, stride_grad_t=V, seq_len=N, N=N, V=V,
             k_scale=1.4426950408889634, inv_tau=1.0, gate_beta=5.0, distill_coef=0.01, jsd_beta=0.5,
-            clip_low=0.2, clip_high=0.2, clip_c=3.0, kl_coef=0.01, entropy_coef=0.001 if entropy else 0.0,
+            log2_b=-1.0, log2_1mb=-1.0, clip_low=0.2, clip_high=0.2, clip_c=3.0, kl_coef=0.01,
+            entropy_coef=0.001 if entropy else 0.0,
         )
-        cx = dict(BLOCK_V=block, HAS_TEACHER_LOGITS=True, HAS_TEACHER_LOGPROBS=False,
+        cx = dict(BLOCK_R=block_r, VEC=vec, HAS_TEACHER_LOGITS=True, HAS_TEACHER_LOGPROBS=False,
                   DISTILL=DISTILL_CODES[distill], HAS_ADV=True, HAS_OLD=True, HAS_DUAL_CLIP=True, HAS_KL=True,
-                  HAS_ENTROPY=entropy, COMPUTE_STATS=True, STORE_STATS=False, WRITE_GRAD=fused,
-                  WRITE_OUTPUTS=True)
+                  HAS_ENTROPY=entropy, STORE_STATS=not fused, WRITE_GRAD=fused)
         out.append(Variant(f"sdar_rows_kernel [{label}]", "sdar_kernels.sdar_loss.kernels:sdar_rows_kernel",
                            args, cx, num_warps=warps, expect={"max_local": 0}))
     return out
@@ -195,7 +197,8 @@ def report(keep_dir=None, stream=sys.stdout, only=None):
     print(f"Triton {triton.__version__}, target sm_{TARGET_ARCH}a, cuobjdump: {cuobjdump_path()}", file=stream)
     rows = []
     for v in variants:
-        row = dict(name=v.name, warps=v.num_warps, block=v.constexprs.get("BLOCK_V"))
+        cx = v.constexprs
+        row = dict(name=v.name, warps=v.num_warps, block=cx.get("BLOCK_R", 0) * cx.get("VEC", 0) or cx.get("BLOCK_V"))
         try:
             k = compile_variant(v)
             row.update(analyse(k.asm["cubin"], keep_dir, v.name))

@@ -85,7 +85,9 @@ def _forkserver():
     if _FORKSERVER is None:
         import multiprocessing as mp
         _FORKSERVER = mp.get_context("forkserver")
-        _FORKSERVER.set_forkserver_preload(["torch", "sdar_kernels", "bench._case"])
+        # torch._dynamo: the first call of any torch.library custom op (the sdar ops are) imports it
+        # (~150 MiB RSS once per process), which is not the op's working memory
+        _FORKSERVER.set_forkserver_preload(["torch", "torch._dynamo", "sdar_kernels", "bench._case"])
     return _FORKSERVER
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -13,17 +13,13 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - triton is a Linux dependency
-        return False
-    return True
+# Whether the triton package is installed (found without importing it). A module constant, not a cached
+# call: torch.compile traces can_use_triton and should see a plain Python value.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def can_use_triton(t: torch.Tensor) -> bool:
     """Triton can run on this tensor: CUDA, or any CPU tensor under the interpreter."""
-    if not triton_available():
+    if not TRITON_INSTALLED:
         return False
     return t.is_cuda or (is_interpreter() and t.device.type == "cpu")

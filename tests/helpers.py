@@ -59,7 +59,7 @@ def make_case(shape, V, dtype=torch.float32, *, teacher="logits", mask="random",
     if teacher == "logits":
         case["teacher_logits"] = student + torch.randn(*tok, V, generator=g) * 0.7 * scale
     elif teacher == "logprobs":
-        case["teacher_logprobs"] = logp + torch.randn(tok, generator=g)
+        case["teacher_logprobs"] = (logp + torch.randn(tok, generator=g)).clamp(max=0.0)  # log-probs are <= 0
     if advantages == "token":
         case["advantages"] = torch.randn(tok, generator=g)
     elif advantages == "seq":

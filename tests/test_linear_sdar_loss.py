@@ -49,7 +49,7 @@ def make_case(shape, H, V, dtype=torch.float32, *, teacher="shared", bias=True, 
         case["teacher_weight"] = tw.to(dtype)
         case["teacher_bias"] = (torch.randn(V, generator=g) * 0.5).to(dtype)
     elif teacher == "logprobs":
-        case["teacher_logprobs"] = logp + torch.randn(tok, generator=g)
+        case["teacher_logprobs"] = (logp + torch.randn(tok, generator=g)).clamp(max=0.0)  # log-probs are <= 0
     if mask != "none":
         m = torch.rand(tok, generator=g) < 0.7
         m.reshape(-1)[-1] = True

@@ -71,13 +71,17 @@ def _expected_metrics(case, ref, opts):
     log_ratio = (logp - old).clamp(-20, 20)
     r = log_ratio.exp()
     pg1, pg2 = -adv * r, -adv * r.clamp(1 - opts["clip_low"], 1 + opts["clip_high"])
-    pg = torch.where(adv < 0, torch.minimum(torch.maximum(pg1, pg2), -adv * 3.0), torch.maximum(pg1, pg2))
+    pgc = torch.maximum(pg1, pg2)
+    pg = torch.where(adv < 0, torch.minimum(pgc, -adv * 3.0), pgc)
     d = case["ref_logprobs"].double().cpu() - logp
     return {
         "gate_mean": mean(gate), "gate_active_ratio": mean((gate > 0.5).double()), "gap_mean": mean(gap),
         "distill_loss": mean(gate * gap),  # "sampled": D = gate * (log p_T - log p_S) = gate * gap
-        "pg_loss": mean(pg), "pg_clipfrac": mean((pg2 > pg1).double()), "ppo_kl": mean(-log_ratio),
+        "pg_loss": mean(pg), "pg_clipfrac": mean((pg2 > pg1).double()),
+        "pg_clipfrac_lower": mean(((pgc > -adv * 3.0) & (adv < 0)).double()),   # verl: the dual clip is active
+        "ppo_kl": mean(-log_ratio),
         "kl_loss": mean((d.exp() - d - 1).clamp(-10, 10)), "entropy": mean(ref.entropy.double().cpu()),
+        "nonfinite_tokens": 0.0,   # non-finite logits only on masked rows
     }
 
 
@@ -86,6 +90,7 @@ def test_metrics_are_masked_means_of_the_reference(backend, device):
     case = make_case((3, 5), 997, device=_dev(backend, device), mask="empty_rows", nan_masked=True,
                      advantages="token", old_logprobs=True, ref_logprobs=True)
     opts = {"kl_coef": 0.1, "entropy_coef": 0.01, "clip_low": 0.2, "clip_high": 0.28}
+    case["old_logprobs"][0::2] -= 2.0   # ratios beyond the dual clip (3) for some negative advantages
     out, _ = run(sdar_loss, case, {**opts, "backend": backend})
     ref, _ = run(sdar_loss_reference, to_fp32(case), opts, compute_dtype=torch.float64)
     # the reference's gate and gap follow the formula (teacher log-prob recomputed here)
@@ -96,7 +101,9 @@ def test_metrics_are_masked_means_of_the_reference(backend, device):
     torch.testing.assert_close(ref.gate.double()[m], torch.sigmoid(5.0 * ref.gap.double())[m], atol=1e-7, rtol=0)
     expected = _expected_metrics(case, ref, opts)
     assert set(out.metrics) == set(METRIC_NAMES) == set(expected)
-    assert 0 < expected["pg_clipfrac"] < 1 and 0 < expected["gate_active_ratio"] < 1  # both branches occur
+    # both branches occur
+    assert 0 < expected["pg_clipfrac"] < 1 and 0 < expected["gate_active_ratio"] < 1
+    assert 0 < expected["pg_clipfrac_lower"] < 1
     for k in METRIC_NAMES:
         v = out.metrics[k]
         assert v.dim() == 0 and v.dtype == torch.float32 and not v.requires_grad, k

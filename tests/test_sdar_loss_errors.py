@@ -60,7 +60,6 @@ BAD_INPUTS = [
     ("kl-without-ref", {"kl_coef": 0.1}, "ref_logprobs"),
     ("loss-weights-shape", {"loss_weights": torch.ones(B * T)}, "loss_weights"),
     ("loss-weights-int", {"loss_weights": torch.ones(B, T, dtype=torch.int32)}, "loss_weights"),
-    ("num-tokens-zero", {"num_tokens": 0}, "num_tokens"),
     ("num-tokens-negative", {"num_tokens": -4.0}, "num_tokens"),
     ("num-tokens-nan", {"num_tokens": NAN}, "num_tokens"),
     ("num-tokens-inf", {"num_tokens": INF}, "num_tokens"),
@@ -68,6 +67,18 @@ BAD_INPUTS = [
     ("num-tokens-str", {"num_tokens": "6"}, "num_tokens"),
     ("num-tokens-2-elements", {"num_tokens": torch.tensor([3.0, 3.0])}, "num_tokens"),
     ("num-tokens-bool-tensor", {"num_tokens": torch.tensor(True)}, "num_tokens"),
+    ("num-tokens-negative-cpu-tensor", {"num_tokens": torch.tensor(-2)}, "num_tokens"),
+    ("num-sequences-negative", {"num_sequences": -1}, "num_sequences"),
+    ("num-sequences-nan-cpu-tensor", {"num_sequences": torch.tensor(NAN)}, "num_sequences"),
+    ("loss-scale-factor-zero", {"loss_scale_factor": 0}, "loss_scale_factor"),
+    ("loss-scale-factor-tensor", {"loss_scale_factor": torch.tensor(2.0)}, "loss_scale_factor"),
+    ("dp-size-zero", {"dp_size": 0}, "dp_size"),
+    ("dp-size-float", {"dp_size": 2.0}, "dp_size"),
+    ("dp-size-bool", {"dp_size": True}, "dp_size"),
+    ("mask-half", {"mask": torch.full((B, T), 0.5)}, "mask"),
+    ("mask-two", {"mask": torch.full((B, T), 2, dtype=torch.int64)}, "mask"),
+    ("teacher-logprobs-positive", {"teacher_logits": None, "teacher_logprobs": torch.full((B, T), 0.1)},
+     "teacher_logprobs"),
     ("full-vocab-needs-teacher-logits", {"teacher_logits": None, "teacher_logprobs": torch.zeros(B, T),
                                          "distill": "fkl"}, "teacher_logits"),
     ("jsd-without-teacher", {"teacher_logits": None, "distill": "jsd"}, "teacher_logits"),
@@ -88,7 +99,8 @@ def test_sequence_modes_need_sequence_structure():
     g = torch.Generator().manual_seed(0)
     for mode in ("seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
         with pytest.raises(ValueError, match="loss_agg_mode"):
-            sdar_loss(torch.randn(6, V, generator=g), torch.zeros(6, dtype=torch.int64), loss_agg_mode=mode)
+            sdar_loss(torch.randn(6, V, generator=g), torch.zeros(6, dtype=torch.int64), loss_agg_mode=mode,
+                      advantages=torch.randn(6, generator=g))
 
 
 # (id, option, bad value): non-finite / wrong-type hyperparameters and out-of-range values
@@ -155,3 +167,18 @@ def test_triton_backend_without_cuda_or_interpreter_raises(monkeypatch):
     logits, labels = kwargs.pop("logits"), kwargs.pop("labels")
     with pytest.raises(ValueError, match="backend"):
         sdar_loss(logits, labels, **kwargs, backend="triton")
+
+
+@pytest.mark.parametrize("fn", [sdar_loss, sdar_loss_reference], ids=["sdar_loss", "reference"])
+def test_a_call_without_any_loss_term_raises(fn):
+    """No teacher, no advantages, no KL, no entropy: the loss would be 0 whatever the logits; refuse it.
+    Each term alone makes the call valid."""
+    base = _base()
+    logits, labels = base["logits"], base["labels"]
+    with pytest.raises(ValueError, match="no loss term is active"):
+        fn(logits, labels)
+    with pytest.raises(ValueError, match="no loss term is active"):
+        fn(logits, labels, teacher_logits=base["teacher_logits"], distill_coef=0.0)
+    for term in ({"teacher_logits": base["teacher_logits"]}, {"advantages": base["advantages"]},
+                 {"kl_coef": 0.1, "ref_logprobs": base["old_logprobs"]}, {"entropy_coef": 0.01}):
+        assert torch.isfinite(fn(logits, labels, **term).loss)

@@ -206,18 +206,53 @@ def test_aggregation_modes_by_hand(fn_name):
     lt = out.loss.double()
     assert (lt[~mask] == 0).all()
     w = torch.rand(B, T, generator=torch.Generator().manual_seed(5))
+    # verl 0.9 agg_loss: sequences count only when non-empty (rows 0 and 2 here: 2 sequences)
     expected = {
-        "token-mean": lt.sum() / 4, "seq-mean-token-sum": lt.sum() / B,
-        "seq-mean-token-mean": (lt[0].sum() / 3 + 0.0 + lt[2].sum() / 1) / B,
-        "seq-mean-token-sum-norm": lt.sum() / T,
+        "token-mean": lt.sum() / 4, "token-sum": lt.sum(), "seq-mean-token-sum": lt.sum() / 2,
+        "seq-mean-token-mean": (lt[0].sum() / 3 + lt[2].sum() / 1) / 2,
+        "seq-mean-token-sum-norm": lt.sum() / 2 / T,
     }
     for mode, value in expected.items():
         loss = _call(fn_name, case, loss_agg_mode=mode)[0].loss
         assert loss.item() == pytest.approx(value.item(), abs=1e-6), mode
-    assert _call(fn_name, case, reduction="sum")[0].loss.item() == pytest.approx(lt.sum().item(), abs=1e-6)
+        # dp_size multiplies every weight (undoing DDP's gradient averaging)
+        loss = _call(fn_name, case, loss_agg_mode=mode, dp_size=4)[0].loss
+        assert loss.item() == pytest.approx(4 * value.item(), abs=1e-6), mode
+    # global counts from other data-parallel ranks
     assert _call(fn_name, case, num_tokens=10)[0].loss.item() == pytest.approx(lt.sum().item() / 10, abs=1e-6)
+    assert _call(fn_name, case, num_tokens=torch.tensor(10))[0].loss.item() == \
+        pytest.approx(lt.sum().item() / 10, abs=1e-6)
+    for mode, per_seq in (("seq-mean-token-sum", lt.sum()), ("seq-mean-token-mean", lt[0].sum() / 3 + lt[2].sum())):
+        got = _call(fn_name, case, loss_agg_mode=mode, num_sequences=torch.tensor(5.0))[0].loss
+        assert got.item() == pytest.approx(per_seq.item() / 5, abs=1e-6), mode
+    got = _call(fn_name, case, loss_agg_mode="seq-mean-token-sum-norm", num_sequences=3, loss_scale_factor=7)[0]
+    assert got.loss.item() == pytest.approx(lt.sum().item() / 3 / 7, abs=1e-6)
+    assert _call(fn_name, case, reduction="sum")[0].loss.item() == pytest.approx(lt.sum().item(), abs=1e-6)
     assert _call(fn_name, dict(case, loss_weights=w))[0].loss.item() == \
         pytest.approx((w.double() * lt).sum().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("fn_name", FNS)
+@pytest.mark.parametrize("count", [0, 0.0, 0.5, torch.tensor(0), torch.tensor(0.0), torch.tensor(0.25),
+                                   torch.tensor(float("nan")), torch.tensor(-3.0)],
+                         ids=["0", "0.0", "0.5", "t0", "t0.0", "t0.25", "tnan", "t-3"])
+def test_counts_below_one_are_taken_as_one(fn_name, count):
+    """A global count of 0 (an all-masked global batch) or a tensor count that cannot be checked without
+    a sync is taken as 1: loss 0 on an all-masked batch, never NaN, and never a flipped sign. CPU tensors
+    can be checked for free, so a negative or NaN one raises."""
+    B, T = 2, 3
+    case = make_case((B, T), 11, advantages="seq")
+    for name, mode in (("num_tokens", "token-mean"), ("num_sequences", "seq-mean-token-sum")):
+        if isinstance(count, torch.Tensor) and not (count >= 0):
+            with pytest.raises(ValueError, match=name):
+                _call(fn_name, case, loss_agg_mode=mode, **{name: count})
+            continue
+        full = _call(fn_name, case, loss_agg_mode=mode, **{name: 1})[0].loss
+        got = _call(fn_name, case, loss_agg_mode=mode, **{name: count})[0].loss
+        assert got.item() == pytest.approx(full.item(), abs=1e-7), name
+        empty = _call(fn_name, dict(case, mask=torch.zeros(B, T, dtype=torch.bool)), loss_agg_mode=mode,
+                      **{name: count})[0].loss
+        assert empty.item() == 0.0, name
 
 
 # ---- the oracle in fp64 and fp32 agree --------------------------------------------------------------------

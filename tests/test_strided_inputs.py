@@ -54,7 +54,7 @@ def test_sliced_sequences_match_reference(backend, reduction, inplace, teacher_s
 
 def _tensors_held_by(node):
     """Every tensor the autograd node of sdar_loss keeps: saved tensors and the prepared inputs' fields."""
-    held = list(node.saved_tensors)
+    held = [t for t in node.saved_tensors if t is not None]
     x = getattr(node, "x", None)
     if x is not None:
         held += [v for v in vars(x).values() if isinstance(v, torch.Tensor)]

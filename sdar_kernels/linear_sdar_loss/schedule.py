@@ -84,6 +84,13 @@ def _take(t, sel):
     return t[sel] if isinstance(sel, slice) else t.index_select(0, sel)
 
 
+def _put(dst, sel, rows):
+    if isinstance(sel, slice):
+        dst[sel] = rows
+    else:
+        dst.index_copy_(0, sel, rows)
+
+
 def _chunk_inputs(plan, sel, z_student, z_teacher, weights):
     x = plan.inputs.x
     return replace(
@@ -105,8 +112,9 @@ def _run_chunks(plan: Plan, weights: torch.Tensor, *, grad_hidden=None, grad_wei
                 save_stats=False, stats=None, backward=False):
     """One pass over all chunks.
 
-    Forward (``backward=False``): returns (per_token dict of [N] fp32, list of per-chunk engine stats or
-    None); if any grad buffer is given the gradient for ``weights`` is accumulated into it (fused).
+    Forward (``backward=False``): returns (per_token dict of [N] fp32, the engine's row statistics as one
+    [N, NUM_ROW_STATS] tensor, or None where the engine keeps none or ``save_stats`` is off); if any grad
+    buffer is given the gradient for ``weights`` is accumulated into it (fused).
     Backward (``backward=True``): gradient only, using the engine's ``backward`` with the saved ``stats``.
     grad_hidden: [N, H] hidden dtype (fully written: masked / dropped rows get 0); grad_weight: [V, H]
     fp32 and grad_bias: [V] fp32 accumulators (added to).
@@ -120,9 +128,9 @@ def _run_chunks(plan: Plan, weights: torch.Tensor, *, grad_hidden=None, grad_wei
         out = {k: torch.zeros(N, dtype=F32, device=h_all.device) for k in PER_TOKEN_FIELDS}
     if grad_hidden is not None and plan.active is not None:
         grad_hidden.zero_()                      # dropped (masked) rows are never visited
-    saved = [] if save_stats else None
+    saved = None
 
-    for i, sel in enumerate(plan.chunks()):
+    for sel in plan.chunks():
         h = _take(h_all, sel)
         if plan.zero_masked_rows:
             h = torch.where(_take(inp.x.mask, sel)[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
@@ -131,16 +139,15 @@ def _run_chunks(plan: Plan, weights: torch.Tensor, *, grad_hidden=None, grad_wei
         xc = _chunk_inputs(plan, sel, z, zt, _take(weights, sel))
         grad = z if want_grad else None          # the engine overwrites the logits with the gradient
         if backward:
-            plan.rows.backward(xc, xc.weights, grad, None if stats is None else stats[i])
+            plan.rows.backward(xc, xc.weights, grad, _take(stats, sel))
         else:
             per_token, st = plan.rows.forward(xc, xc.weights, grad, save_stats)
-            if saved is not None:
-                saved.append(st)
+            if st is not None:
+                if saved is None:
+                    saved = st.new_zeros(N, st.shape[1])
+                _put(saved, sel, st)
             for k in PER_TOKEN_FIELDS:
-                if isinstance(sel, slice):
-                    out[k][sel] = per_token[k]
-                else:
-                    out[k].index_copy_(0, sel, per_token[k])
+                _put(out[k], sel, per_token[k])
         del zt, xc
         if not want_grad:
             continue

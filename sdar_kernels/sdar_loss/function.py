@@ -1,107 +1,66 @@
-"""Autograd Function and the public functional ``sdar_loss`` (contract: shared/design/LOSS.md section 5).
+"""The public functional ``sdar_loss``: validate, pick the engine and the schedule, call the custom op.
 
-Two schedules, picked from the reduction:
-- "mean" / "sum": the aggregation weights w_t are known in the forward, so the backend writes
-  w_t * dl_t/dz in the same launch as the loss (fused); backward only scales it by the upstream scalar.
-- "none": the upstream gradient is per token and unknown in the forward. The forward computes the loss
-  only and keeps the per-row statistics; backward makes one gradient pass with w_t = m_t * g_t.
+The op (ops.py) does the work; this file holds no math. Schedules (README.md, "Schedules"):
+- "mean" / "sum" with a gradient: the aggregation weights w_t are known in the forward, so the engine
+  writes w_t * dl_t/dz in the same launch as the loss (fused); backward only scales it by the upstream
+  scalar, and not at all when that is 1.
+- "none", or ``inplace_backward``: the forward computes the loss and keeps the row statistics; backward
+  makes one gradient pass (with w_t = m_t * g_t for "none"), into the logits' storage for inplace.
+- no gradient wanted (``torch.no_grad()``, ``inference_mode()``, logits that do not require grad): the
+  loss terms only; nothing of size [N, V] is allocated or written.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from .._checks import normalize_inputs
-from .._runtime import can_use_triton
-from .output import PER_TOKEN_FIELDS, SDAROutput, package_output, reduce_loss
-from .torch_impl import sdar_rows_torch
+from . import ops  # registers the custom ops
+from .engines import pick_engine
+from .output import SDAROutput, package_output
 
 
-class TorchRows:
-    """The chunked torch backend. It keeps no statistics: the "none" backward recomputes them."""
-
-    @staticmethod
-    def forward(x, weights, grad, save_stats):
-        return sdar_rows_torch(x, weights, grad), None
-
-    @staticmethod
-    def backward(x, weights, grad, stats):
-        sdar_rows_torch(x, weights, grad)
+def pick_schedule(options, logits) -> str:
+    """One of ops.SCHEDULES for a call on ``logits`` (decided from grad mode and requires_grad only)."""
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return "no_grad"
+    if options.inplace_backward:
+        return "inplace"
+    return "two_phase" if options.reduction == "none" else "fused"
 
 
-class TritonRows:
-    """The Triton backend (launch.py); imported lazily so CPU-only users never load the kernels."""
-
-    @staticmethod
-    def forward(x, weights, grad, save_stats):
-        from .launch import sdar_rows_triton
-        return sdar_rows_triton(x, weights, grad, save_stats=save_stats)
-
-    @staticmethod
-    def backward(x, weights, grad, stats):
-        from .launch import sdar_rows_triton_grad
-        sdar_rows_triton_grad(x, weights, grad, stats)
+def _has_internal_overlap(t) -> bool:
+    """Whether two elements of ``t`` share a memory location (decided from sizes and strides): with the
+    dims of size > 1 sorted by stride, each stride must step over the whole extent of the smaller ones."""
+    extent = 0
+    dims = sorted(((st, s) for s, st in zip(t.shape, t.stride()) if s > 1))
+    for stride, size in dims:
+        if stride <= extent:
+            return True
+        extent += (size - 1) * stride
+    return False
 
 
-def pick_backend(x):
-    if x.options.backend == "torch":
-        return TorchRows
-    if x.options.backend == "triton" or x.logits.is_cuda and can_use_triton(x.logits):
-        return TritonRows
-    return TorchRows
-
-
-class SDARLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits2d, x, rows):
-        o = x.options
-        need_grad = ctx.needs_input_grad[0]
-        fused = need_grad and o.reduction != "none"
-        grad = None
-        if fused:
-            # inplace_backward: the gradient overwrites the student logits (each block is read before
-            # it is written), saving one [N, V] buffer; the logits are garbage afterwards.
-            grad = logits2d if o.inplace_backward else torch.empty_like(logits2d)
-        per_token, stats = rows.forward(x, x.weights, grad, save_stats=need_grad and not fused)
-
-        loss = reduce_loss(per_token["loss"], x)
-
-        ctx.fused, ctx.rows, ctx.stats, ctx.used = fused, rows, stats, False
-        ctx.inplace = o.inplace_backward
-        # The fused backward needs only the gradient: keep no reference to the (teacher) logits, so they
-        # are freed as soon as the caller drops them. "none" keeps the side inputs; its logits go
-        # through save_for_backward below.
-        ctx.x = None if fused else dataclasses.replace(x, logits=None)
-        # fused: the gradient; "none": the logits, re-read by the backward pass (saved through autograd
-        # so an in-place change to them between forward and backward raises instead of going unseen)
-        ctx.save_for_backward(grad if fused else logits2d)
-        stacked = torch.stack([per_token[k] for k in PER_TOKEN_FIELDS[1:]])
-        ctx.mark_non_differentiable(stacked)
-        return loss, stacked
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stacked):
-        if ctx.used and (ctx.fused or ctx.inplace):
-            raise RuntimeError("sdar_loss: backward ran twice through one forward; the gradient buffer (or, "
-                               "with inplace_backward, the logits) was consumed in place, so retain_graph "
-                               "re-use is not supported")
-        ctx.used = True
-        (saved,) = ctx.saved_tensors
-        if ctx.fused:
-            return saved.mul_(grad_loss.to(saved.dtype)), None, None
-        x = dataclasses.replace(ctx.x, logits=saved)
-        weights = x.mask.to(torch.float32) * grad_loss.reshape(-1).to(torch.float32)
-        # inplace_backward: each block of the logits is read before its gradient overwrites it
-        grad = saved if ctx.inplace else torch.empty_like(saved)
-        ctx.rows.backward(x, weights, grad, ctx.stats)
-        return grad, None, None
+def check_inplace_target(logits, *others):
+    """inplace_backward writes the gradient into ``logits``' storage: refuse storage where that write is
+    unsafe (one memory location behind several elements, e.g. an expand()ed tensor) or shared with
+    another input that is still read while the gradient is written (e.g. teacher logits)."""
+    if _has_internal_overlap(logits):
+        raise ValueError("inplace_backward=True needs logits whose elements do not share memory (got an "
+                         "expanded or overlapping view); pass inplace_backward=False or .contiguous() logits")
+    if torch.compiler.is_compiling():
+        return
+    storage = logits.untyped_storage().data_ptr()
+    for name, t in others:
+        if t is not None and t.untyped_storage().data_ptr() == storage:
+            raise ValueError(f"inplace_backward=True would overwrite {name}, which shares storage with the "
+                             f"logits; pass inplace_backward=False")
 
 
 def sdar_loss(
     logits, labels, *, teacher_logits=None, teacher_logprobs=None, mask=None, advantages=None,
-    old_logprobs=None, ref_logprobs=None, loss_weights=None, num_tokens=None,
+    old_logprobs=None, ref_logprobs=None, loss_weights=None, num_tokens=None, num_sequences=None,
+    loss_scale_factor=None, dp_size=1,
     gate_beta=5.0, distill_coef=0.01, distill="sampled", jsd_beta=0.5,
     clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0, entropy_coef=0.0,
     temperature=1.0, loss_agg_mode="token-mean", reduction="mean",
@@ -110,47 +69,53 @@ def sdar_loss(
     """Fused SDAR loss: GRPO (dual clip) + k3 KL + entropy bonus + sigmoid-gated self-distillation.
 
     Per token: l = pg + kl_coef * kl - entropy_coef * H + distill_coef * gate * D, aggregated as
-    sum_t w_t l_t (shared/design/LOSS.md; derivations in sdar_kernels/sdar_loss/README.md).
+    sum_t w_t l_t (derivations in sdar_kernels/sdar_loss/README.md).
 
     Args:
         logits: [..., V] student logits (fp32 / bf16 / fp16), usually [B, T, V] or [N, V]. Sliced
             [B, T, V] views (``logits[:, :-1]``) are read in place.
         labels: [...] int sampled tokens in [0, V) (any value on masked tokens, e.g. -100).
         teacher_logits: [..., V] logits of the privileged teacher (no gradient), or
-        teacher_logprobs: [...] precomputed log pi_T(y). At most one; without either there is no
+        teacher_logprobs: [...] precomputed log pi_T(y) (<= 0). At most one; without either there is no
             distillation term (plain GRPO).
-        mask: [...] bool / 0-1: tokens that get loss. Default: all.
+        mask: [...] bool, or numeric 0 / 1: tokens that get loss. Default: all.
         advantages: [...] per token, or [B] per sequence for [B, T, V] logits. None: no pg term.
         old_logprobs: [...] behaviour log-probs for the PPO ratio (None: on-policy, ratio 1).
         ref_logprobs: [...] reference log-probs, required when kl_coef > 0.
-        loss_weights: [...] explicit w_t (overrides loss_agg_mode); num_tokens: global token count
-            (number or 0-dim tensor) for "token-mean" across data-parallel ranks.
+        loss_weights: [...] explicit w_t (overrides loss_agg_mode).
+        num_tokens / num_sequences: global token / non-empty sequence counts (numbers or 0-dim tensors)
+            across data-parallel ranks; loss_scale_factor: S of "seq-mean-token-sum-norm"; dp_size:
+            multiplies every weight (undoes DDP/FSDP gradient averaging, as verl does).
         gate_beta, distill_coef, distill ("sampled" | "reinforce" | "fkl" | "rkl" | "jsd"), jsd_beta,
         clip_low, clip_high, clip_ratio_c (None: no dual clip), kl_coef, entropy_coef, temperature,
-        loss_agg_mode (verl's four modes), reduction ("mean" | "sum" | "none").
-        inplace_backward: write the gradient into the logits' storage (saves an [N, V] buffer; the
-            logits are overwritten, so nothing else may read them afterwards).
+        loss_agg_mode ("token-mean" | "token-sum" | "seq-mean-token-sum" | "seq-mean-token-mean" |
+        "seq-mean-token-sum-norm"), reduction ("mean" | "sum" | "none").
+        inplace_backward: backward writes the gradient into the logits' storage (saves an [N, V] buffer;
+            the logits are overwritten then, so nothing else may read them afterwards).
         backend: "auto" (Triton on CUDA tensors, the chunked torch path elsewhere) | "triton" | "torch".
 
     Returns:
         SDAROutput(loss, logprobs, entropy, gate, gap, metrics); everything but ``loss`` is detached.
 
     Raises:
-        ValueError naming the argument, for every malformed input or option.
+        ValueError naming the argument, for every malformed input or option, and when no loss term is
+        active.
     """
     x = normalize_inputs(
         logits, labels, teacher_logits=teacher_logits, teacher_logprobs=teacher_logprobs, mask=mask,
         advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-        loss_weights=loss_weights, num_tokens=num_tokens, gate_beta=gate_beta, distill_coef=distill_coef,
+        loss_weights=loss_weights, num_tokens=num_tokens, num_sequences=num_sequences,
+        loss_scale_factor=loss_scale_factor, dp_size=dp_size, gate_beta=gate_beta, distill_coef=distill_coef,
         distill=distill, jsd_beta=jsd_beta, clip_low=clip_low, clip_high=clip_high,
         clip_ratio_c=clip_ratio_c, kl_coef=kl_coef, entropy_coef=entropy_coef, temperature=temperature,
         loss_agg_mode=loss_agg_mode, reduction=reduction, inplace_backward=inplace_backward, backend=backend,
     )
-    return run_sdar_rows(x, pick_backend(x))
-
-
-def run_sdar_rows(x, rows):
-    """Apply the autograd Function to prepared inputs and package the SDAROutput."""
-    loss, stacked = SDARLossFunction.apply(x.logits, x, rows)
+    schedule = pick_schedule(x.options, x.logits)
+    if schedule == "inplace":
+        check_inplace_target(x.logits, ("teacher_logits", x.teacher_logits))
+    loss, stacked, _, _ = torch.ops.sdar_kernels.sdar_loss_forward(
+        x.logits, x.labels, x.mask, x.weights, x.teacher_logits, x.teacher_logprobs, x.advantages,
+        x.old_logprobs, x.ref_logprobs, *ops.option_args(x.options), pick_engine(x.options.backend, x.logits),
+        schedule)
     has_teacher = x.teacher_logits is not None or x.teacher_logprobs is not None
     return package_output(loss, stacked, x, has_teacher=has_teacher)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 DISTILL_MODES = ("sampled", "reinforce", "fkl", "rkl", "jsd")
 FULL_VOCAB_DISTILL = ("fkl", "rkl", "jsd")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
 

@@ -8,11 +8,22 @@ import torch
 
 # Per-token values every backend produces, flat [N] fp32 and 0 on masked rows (the Triton kernel writes
 # them in this order).
-PER_TOKEN_FIELDS = ("loss", "logprobs", "entropy", "gate", "gap", "distill", "pg", "clipped", "ppo_kl", "kl")
+# "clipped" / "clipped_lower": the clip / the dual clip is the active branch (0/1); "nonfinite": the row's
+# student or teacher logits hold a NaN or +inf, or nothing but -inf (0/1).
+PER_TOKEN_FIELDS = ("loss", "logprobs", "entropy", "gate", "gap", "distill", "pg", "clipped", "clipped_lower",
+                    "ppo_kl", "kl", "nonfinite")
+
+# Row statistics the Triton engine keeps between the two phases of the two-phase schedule (kernels.py):
+# max and log2-sum of student and teacher, entropy, divergence, KL(p||M), dl/dlog p_S(y), divergence scale.
+NUM_ROW_STATS = 9
+
+# A gate below the smallest normal fp32 counts as 0 (whether a sigmoid that far out returns a subnormal or
+# 0 depends on the device): the gated terms are 0 there, the limit of gate * gap at gap = -inf.
+GATE_FLOOR = 1.1754943508222875e-38
 
 METRIC_NAMES = (
     "gate_mean", "gate_active_ratio", "gap_mean", "distill_loss", "pg_loss",
-    "pg_clipfrac", "ppo_kl", "kl_loss", "entropy",
+    "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "kl_loss", "entropy", "nonfinite_tokens",
 )
 
 
@@ -37,8 +48,9 @@ class SDAROutput:
 def masked_metrics(per_token: dict, mask: torch.Tensor, *, has_teacher: bool) -> dict:
     """Masked token means of the per-token values (already zero on masked rows), as 0-dim fp32 tensors.
 
-    ``per_token`` holds flat [N] tensors: gate, gap, distill, pg, clipped, ppo_kl, kl, entropy.
-    One division by max(#tokens, 1): an all-masked batch gives 0, never NaN, and no ``.item()``.
+    ``per_token`` holds flat [N] tensors: gate, gap, distill, pg, clipped, clipped_lower, ppo_kl, kl,
+    entropy, nonfinite. One division by max(#tokens, 1): an all-masked batch gives 0, never NaN, and no
+    ``.item()``. ``nonfinite_tokens`` is a count, not a mean.
     """
     count = mask.sum().clamp_min(1).to(torch.float32)
 
@@ -54,9 +66,11 @@ def masked_metrics(per_token: dict, mask: torch.Tensor, *, has_teacher: bool) ->
         "distill_loss": mean(per_token["distill"]),
         "pg_loss": mean(per_token["pg"]),
         "pg_clipfrac": mean(per_token["clipped"]),
+        "pg_clipfrac_lower": mean(per_token["clipped_lower"]),
         "ppo_kl": mean(per_token["ppo_kl"]),
         "kl_loss": mean(per_token["kl"]),
         "entropy": mean(per_token["entropy"]),
+        "nonfinite_tokens": per_token["nonfinite"].to(torch.float32).sum().detach(),
     }
 
 

@@ -8,11 +8,13 @@ fused path only through ``sdar_kernels._checks`` (which holds no math).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .._checks import normalize_inputs
-from .output import SDAROutput, masked_metrics
+from .output import GATE_FLOOR, SDAROutput, masked_metrics
 
 
 def sdar_loss_reference(
@@ -27,6 +29,9 @@ def sdar_loss_reference(
     ref_logprobs=None,
     loss_weights=None,
     num_tokens=None,
+    num_sequences=None,
+    loss_scale_factor=None,
+    dp_size=1,
     gate_beta=5.0,
     distill_coef=0.01,
     distill="sampled",
@@ -48,7 +53,8 @@ def sdar_loss_reference(
     x = normalize_inputs(
         logits, labels, teacher_logits=teacher_logits, teacher_logprobs=teacher_logprobs, mask=mask,
         advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-        loss_weights=loss_weights, num_tokens=num_tokens, gate_beta=gate_beta,
+        loss_weights=loss_weights, num_tokens=num_tokens, num_sequences=num_sequences,
+        loss_scale_factor=loss_scale_factor, dp_size=dp_size, gate_beta=gate_beta,
         distill_coef=distill_coef, distill=distill, jsd_beta=jsd_beta, clip_low=clip_low,
         clip_high=clip_high, clip_ratio_c=clip_ratio_c, kl_coef=kl_coef, entropy_coef=entropy_coef,
         temperature=temperature, loss_agg_mode=loss_agg_mode, reduction=reduction,
@@ -81,17 +87,19 @@ def sdar_loss_reference(
     # ---- gated self-distillation ------------------------------------------------------------
     if logp_teacher is not None:
         gap = logp_teacher - logp.detach()
-        gate = torch.sigmoid(o.gate_beta * gap)  # detached: built from detached quantities
+        # detached: built from detached quantities; gate_beta = 0 gives 0.5 even where the gap is infinite
+        gate = torch.sigmoid(o.gate_beta * gap) if o.gate_beta != 0 else torch.full_like(gap, 0.5)
         if o.distill == "sampled":
-            distill_tok = gate * (logp_teacher - logp)
+            distill_tok = _gated(gate, logp_teacher - logp)
         elif o.distill == "reinforce":
-            distill_tok = gate * (logp.detach() - logp_teacher) * logp
+            distill_tok = _gated(gate, logp.detach() - logp_teacher) * logp
         else:
-            distill_tok = gate * _divergence(logp_all, logq_all, o.distill, o.jsd_beta)
+            distill_tok = _gated(gate, _divergence(logp_all, logq_all, o.distill, o.jsd_beta))
     else:
         gap, gate, distill_tok = zero, zero, zero
 
     # ---- GRPO policy gradient (verl "vanilla" with dual clip) ---------------------------------
+    clipped_lower = zero
     if x.advantages is not None:
         adv = x.advantages.to(dt)
         old = x.old_logprobs.to(dt) if x.old_logprobs is not None else logp.detach()
@@ -104,6 +112,7 @@ def sdar_loss_reference(
         if o.clip_ratio_c is not None:
             pg3 = -adv * o.clip_ratio_c
             pg_tok = torch.where(adv < 0, torch.minimum(pg3, pgc), pgc)
+            clipped_lower = ((pgc > pg3) & (adv < 0)).to(dt)   # verl's pg_clipfrac_lower
         else:
             pg_tok = pgc
         ppo_kl_tok = -neg_approx_kl.detach()
@@ -113,11 +122,17 @@ def sdar_loss_reference(
     # ---- k3 KL to the reference policy -------------------------------------------------------
     if o.kl_coef > 0:
         d = x.ref_logprobs.to(dt) - logp
-        kl_tok = torch.clamp(torch.exp(d) - d - 1.0, -10.0, 10.0)
+        # Beyond d = 20, k3 = e^d - d - 1 is far above the clamp: take the constant 10 there without
+        # evaluating exp(d), whose overflow would make the clamp's backward 0 * inf = NaN.
+        big = d.detach() > 20.0
+        d_small = torch.where(big, torch.zeros((), dtype=dt), d)
+        kl_tok = torch.where(big, torch.full((), 10.0, dtype=dt),
+                             torch.clamp(torch.exp(d_small) - d_small - 1.0, -10.0, 10.0))
     else:
         kl_tok = zero
 
-    loss_tok = pg_tok + o.kl_coef * kl_tok - o.entropy_coef * entropy + o.distill_coef * distill_tok
+    distill_term = o.distill_coef * distill_tok if o.distill_coef != 0 else zero
+    loss_tok = pg_tok + o.kl_coef * kl_tok - o.entropy_coef * entropy + distill_term
     loss_tok = torch.where(m, loss_tok, zero)  # never let a masked row's value leak (NaN * 0 = NaN)
 
     if o.reduction == "none":
@@ -130,8 +145,11 @@ def sdar_loss_reference(
     def z(v):  # per-token outputs: detached, 0 on masked rows, in the input's token shape
         return torch.where(m, v.detach(), zero).float().reshape(x.token_shape)
 
+    # rows whose log-softmax is NaN: a NaN / +inf logit, or only -inf (student or teacher)
+    nonfinite = logp.isnan() | (logp_teacher.isnan() if logq_all is not None else torch.zeros_like(m))
     per_tok = dict(gate=gate, gap=gap, distill=distill_tok, pg=pg_tok, clipped=clipped,
-                   ppo_kl=ppo_kl_tok, kl=kl_tok, entropy=entropy)
+                   clipped_lower=clipped_lower, ppo_kl=ppo_kl_tok, kl=kl_tok, entropy=entropy,
+                   nonfinite=nonfinite.to(dt))
     metrics = masked_metrics({k: torch.where(m, v.detach(), zero) for k, v in per_tok.items()},
                              m, has_teacher=logp_teacher is not None)
     return SDAROutput(
@@ -140,22 +158,50 @@ def sdar_loss_reference(
     )
 
 
-def _divergence(logp_all, logq_all, kind, jsd_beta):
-    """Full-vocabulary divergence per row between p_T = exp(logq_all) and p_S = exp(logp_all)."""
-    p, q = logp_all.exp(), logq_all.exp()
+def _gated(gate, term):
+    """gate * term, taken as its limit 0 where the gate is 0 (a teacher that gives the sampled token zero
+    probability: gate 0, term infinite), i.e. below the smallest normal fp32 whatever the compute dtype.
+    where() keeps the unselected product out of the gradient."""
+    live = ~(gate < GATE_FLOOR)    # below the smallest normal fp32 the gate counts as 0; NaN stays NaN
+    safe = torch.where(live, term, torch.zeros((), dtype=term.dtype))
+    return torch.where(live, gate * safe, torch.zeros((), dtype=term.dtype))
 
-    def kl(log_a, a, log_b):  # KL(a || b), with 0 * log 0 = 0
+
+def _divergence(logp_all, logq_all, kind, jsd_beta):
+    """Full-vocabulary divergence per row between p_T = exp(logq_all) and p_S = exp(logp_all).
+
+    A divergence is +inf where one side has a finite log-probability and the other -inf (a -inf logit),
+    whether or not the finite side's probability underflows. Its gradient is the math's where that is
+    finite (fkl: p - q) and zero where it is not (rkl): the infinite log-ratios are kept out of the
+    autograd graph so they cannot turn into NaN.
+    """
+    p, q = logp_all.exp(), logq_all.exp()
+    zero = torch.zeros_like(p)
+    neg_inf = float("-inf")
+
+    def support_gap(log_a, log_b):  # rows where a has support and b has none
+        return ((log_a > neg_inf) & (log_b == neg_inf)).any(-1)
+
+    def kl(log_a, a, log_b):  # KL(a || b) with 0 * log 0 = 0; finite stand-in where b has no support
         # The logs are zeroed where a == 0 *before* the product: a where() around a * (log_a - log_b)
         # would still backpropagate 0 * (-inf) = NaN through its unselected branch (-inf logits).
-        zero = torch.zeros_like(a)
-        return (a * (torch.where(a > 0, log_a, zero) - torch.where(a > 0, log_b, zero))).sum(-1)
+        finite_b = torch.where(log_b > neg_inf, log_b, zero)
+        return (a * (torch.where(a > 0, log_a, zero) - torch.where(a > 0, finite_b, zero))).sum(-1)
 
     if kind == "fkl" or (kind == "jsd" and jsd_beta == 0.0):
-        return kl(logq_all, q, logp_all)
+        # -sum q log p has the finite gradient p - q even where it is infinite: keep log p as it is, and add
+        # the +inf of a gap whose q underflowed (and so added nothing) as a constant
+        value = (q * (torch.where(q > 0, logq_all, zero) - torch.where(q > 0, logp_all, zero))).sum(-1)
+        gap = support_gap(logq_all, logp_all)
+        return value + torch.where(gap, float("inf"), 0.0).to(value.dtype)
     if kind == "rkl" or (kind == "jsd" and jsd_beta == 1.0):
-        return kl(logp_all, p, logq_all)
+        value = kl(logp_all, p, logq_all)
+        return torch.where(support_gap(logp_all, logq_all), torch.full_like(value, float("inf")), value)
     b = jsd_beta
-    mix = b * q + (1.0 - b) * p
-    # M = 0 only where p = q = 0, whose terms kl() drops; log(1) there keeps the backward finite
-    log_mix = torch.log(torch.where(mix > 0, mix, torch.ones_like(mix)))
+    # log M = logaddexp(log q + log b, log p + log(1 - b)): in log space, so a p that underflows cannot
+    # round M to 0. Entries with p = q = 0 are dropped by kl(); their logs are replaced first so that
+    # logaddexp's backward never sees -inf - -inf.
+    empty = (logp_all == neg_inf) & (logq_all == neg_inf)
+    log_mix = torch.logaddexp(torch.where(empty, zero, logq_all + math.log(b)),
+                              torch.where(empty, zero, logp_all + math.log1p(-b)))
     return b * kl(logq_all, q, log_mix) + (1.0 - b) * kl(logp_all, p, log_mix)

@@ -40,15 +40,22 @@ class _RowDot:
         return torch.mul(a, b, out=self.scratch).sum(-1)
 
 
-def _log_softmax_fp32(x, inv_tau):
-    """fp32 log-softmax of a chunk of logits / temperature (a fused torch kernel: one new buffer).
+def _log_softmax_fp32(x, inv_tau, y):
+    """fp32 log-softmax of a chunk of logits / temperature (a fused torch kernel: one new buffer), and its
+    value at the labels ``y`` [n, 1].
 
-    -inf logits give log-probs floored at LOG_FLOOR. Masked rows are not cleaned first: their NaN/inf
-    stay inside their own row and are replaced by zeros in the outputs and the gradient.
+    -inf logits give log-probs floored at LOG_FLOOR (the label's own log-prob keeps its -inf). Masked rows
+    are not cleaned first: their NaN/inf stay inside their own row and are replaced by zeros in the
+    outputs and the gradient.
     """
     if inv_tau != 1.0:
-        x = x.to(torch.float32) * inv_tau
-    return torch.log_softmax(x, dim=-1, dtype=torch.float32).clamp_min_(LOG_FLOOR)
+        # subtract the row max before scaling (as the kernel does): z - max is exact for nearby logits, while
+        # scaling a raw logit of a few hundred first costs an ulp of the scaled value in every log-prob
+        x = x.to(torch.float32)
+        x = (x - x.amax(-1, keepdim=True)).mul_(inv_tau)
+    log_probs = torch.log_softmax(x, dim=-1, dtype=torch.float32)
+    at_labels = log_probs.gather(1, y).squeeze(1)
+    return log_probs.clamp_min_(LOG_FLOOR), at_labels
 
 
 def sdar_rows_torch(x, weights, grad=None):
@@ -86,19 +93,24 @@ def _chunk(x, sl, w, grad):
     keep = x.mask[sl]
     y = x.labels[sl].clamp(0, x.logits.shape[-1] - 1)[:, None]  # masked rows may hold ignore labels
 
-    logp_all = _log_softmax_fp32(_token_rows(x.logits, sl), inv_tau)  # log p_S
+    logp_all, logp = _log_softmax_fp32(_token_rows(x.logits, sl), inv_tau, y)  # log p_S
+    # an out-of-range label on an unmasked row (only possible where it is not checked: inside a compiled
+    # graph, or on CUDA) poisons its row with NaN, as the Triton kernel does
+    labels = x.labels[sl]
+    logp = torch.where((labels >= 0) & (labels < x.logits.shape[-1]) | ~keep, logp, float("nan"))
     p = torch.exp(logp_all)
-    logp = logp_all.gather(1, y).squeeze(1)
     rowdot = _RowDot(p)
     entropy = -rowdot(p, logp_all)
+    # a NaN / +inf logit, or a row of -inf only, makes the whole log-softmax row NaN
+    nonfinite = logp.isnan()
 
     logp_teacher, divergence, div_grad = None, None, None
     if x.teacher_logits is not None:
-        logq_all = _log_softmax_fp32(_token_rows(x.teacher_logits, sl), inv_tau)  # log p_T
-        logp_teacher = logq_all.gather(1, y).squeeze(1)
+        logq_all, logp_teacher = _log_softmax_fp32(_token_rows(x.teacher_logits, sl), inv_tau, y)  # log p_T
+        nonfinite = nonfinite | logp_teacher.isnan()
         if o.full_vocab_distill:
             divergence, div_grad = _divergence(o, logp_all, p, logq_all, entropy, rowdot,
-                                                      want_grad=grad is not None)
+                                               want_grad=grad is not None)
         del logq_all
     elif x.teacher_logprobs is not None:
         logp_teacher = x.teacher_logprobs[sl]
@@ -106,23 +118,24 @@ def _chunk(x, sl, w, grad):
     def side(t):
         return None if t is None else t[sl]
 
-    t = token_terms(logp=logp, entropy=entropy, mask=keep, weights=w, options=o, logp_teacher=logp_teacher,
+    t = token_terms(logp=logp, entropy=entropy, mask=keep, options=o, logp_teacher=logp_teacher,
                     divergence=divergence, advantages=side(x.advantages),
                     old_logprobs=side(x.old_logprobs), ref_logprobs=side(x.ref_logprobs))
 
     if grad is not None:
+        coef = t.coef(w)
         # dL/ds = p * (w*ec*(log p + H) - c) + c * 1{v=y} + w*dc*gate * d(div)/ds ; then / tau.
         # fp32 gradients are written straight into `grad`; other dtypes go through the fp32 chunk.
         dst = grad if grad.dtype == torch.float32 else logp_all
         if o.entropy_coef != 0.0:
             w_ec = (w * o.entropy_coef)[:, None]
-            logp_all.mul_(w_ec).add_(w_ec * entropy[:, None] - t.coef[:, None])
+            logp_all.mul_(w_ec).add_(w_ec * entropy[:, None] - coef[:, None])
             torch.mul(logp_all, p, out=dst)
         else:
-            torch.mul(p, -t.coef[:, None], out=dst)
-        dst.scatter_add_(1, y, t.coef[:, None])
+            torch.mul(p, -coef[:, None], out=dst)
+        dst.scatter_add_(1, y, coef[:, None])
         if div_grad is not None:
-            dst.add_(div_grad.mul_(t.distill_scale[:, None]))
+            dst.add_(div_grad.mul_(t.distill_scale(w, o.distill_coef)[:, None]))
         if inv_tau != 1.0:
             dst.mul_(inv_tau)
         dst.masked_fill_(~keep[:, None], 0.0)  # exact zeros on masked rows, whatever their logits held
@@ -130,7 +143,9 @@ def _chunk(x, sl, w, grad):
             grad.copy_(dst)
 
     return dict(loss=t.loss, logprobs=torch.where(keep, logp, 0.0), entropy=torch.where(keep, entropy, 0.0),
-                gate=t.gate, gap=t.gap, distill=t.distill, pg=t.pg, clipped=t.clipped, ppo_kl=t.ppo_kl, kl=t.kl)
+                gate=t.gate, gap=t.gap, distill=t.distill, pg=t.pg, clipped=t.clipped,
+                clipped_lower=t.clipped_lower, ppo_kl=t.ppo_kl, kl=t.kl,
+                nonfinite=(nonfinite & keep).to(torch.float32))
 
 
 def _divergence(o, logp_all, p, logq_all, entropy, rowdot, want_grad):
@@ -138,17 +153,23 @@ def _divergence(o, logp_all, p, logq_all, entropy, rowdot, want_grad):
 
     fkl = KL(q||p): grad p - q.   rkl = KL(p||q): grad p * (log p - log q - rkl).
     jsd(b): grad (1-b) * p * (log(p/M) - KL(p||M)), M = b q + (1-b) p.  (derivations: README.md)
+    The logs are floored at LOG_FLOOR, so a divergence that is truly infinite (one side has a finite
+    logit where the other's is -inf, even if its probability underflows) is found by its support and set
+    to +inf (README.md, "Limits"); its gradient is the finite p - q for fkl and is not taken for rkl (the
+    caller's distill scale is 0 there).
     """
     kind = o.divergence
     q = torch.exp(logq_all)
     if kind == "fkl":
         value = rowdot(q, logq_all) - rowdot(q, logp_all)
-        return value, (p - q if want_grad else None)
+        infinite = ((logq_all > LOG_FLOOR) & (logp_all <= LOG_FLOOR)).any(-1)
+        return torch.where(infinite, float("inf"), value), (p - q if want_grad else None)
     neg_entropy = -entropy
     if kind == "rkl":
         value = neg_entropy - rowdot(p, logq_all)
-        grad = (logp_all - logq_all).sub_(value[:, None]).mul_(p) if want_grad else None
-        return value, grad
+        infinite = ((logp_all > LOG_FLOOR) & (logq_all <= LOG_FLOOR)).any(-1)
+        grad = (logp_all - logq_all).sub_(torch.where(infinite, 0.0, value)[:, None]).mul_(p) if want_grad else None
+        return torch.where(infinite, float("inf"), value), grad
     b = o.jsd_beta
     log_mix = torch.logaddexp(logq_all + math.log(b), logp_all + math.log1p(-b))
     kl_q_mix = rowdot(q, logq_all) - rowdot(q, log_mix)
