@@ -63,7 +63,7 @@ class Rule:
 
 @dataclass(frozen=True)
 class TowersConfig:
-    floors: int = 3
+    floors: int = 2
     max_turns: int | None = None   # None: floors + 1
     features: int = 2              # how many of lamp / wall / roof a tower shows
     values: int = 6                # values per feature (at most 8)

@@ -55,13 +55,13 @@ DISTILL_METRICS = ("gate_mean", "gate_active_ratio", "gap_mean", "distill_loss")
 @dataclass(frozen=True)
 class TrainConfig:
     method: str = "sdar"
-    steps: int = 100
+    steps: int = 200
     tasks_per_step: int = 8
     group_size: int = 8
     lr: float = 1e-4
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    mini_batches: int = 2          # optimizer steps per rollout batch (one epoch over it)
+    mini_batches: int = 4          # optimizer steps per rollout batch (one epoch over it)
     micro_batch: int = 128         # samples per forward/backward
     shuffle: bool = True           # shuffle the rows before splitting them into mini-batches
     cross_steps: bool = True       # GRPO group statistics over every step row (verl-agent's default)
@@ -71,7 +71,7 @@ class TrainConfig:
     history: int = 2
     max_new_tokens: int = 3
     # the towers task (ignored when a task object is passed to the Trainer)
-    floors: int = 3
+    floors: int = 2
     max_turns: int | None = None   # None: floors + 1
     features: int = 2
     values: int = 6
