@@ -85,6 +85,8 @@ SWITCHES = [
                                                "step row counts, as verl-agent)"),
     ("--penalty-per-episode", "penalty_per_step", False, "charge the invalid-action penalty to the whole "
                                                          "episode (default: to the invalid step's row)"),
+    ("--no-signs", "signs", False, "towers without rule signs: the lamp always decides (an easier world; "
+                                   "default: a sign per tower names the deciding feature)"),
 ]
 
 

@@ -257,4 +257,4 @@ def test_warmup_cache_is_deterministic_reused_and_independent_of_the_noise(tmp_p
         assert torch.equal(v, m2.state_dict()[k]), k
     mtime = (p1 / "warmup.json").stat().st_mtime
     assert ensure_tiny(tiny, Towers(), 2, tmp_path / "one") == p1 and (p1 / "warmup.json").stat().st_mtime == mtime
-    assert ensure_tiny(tiny, Towers(TowersConfig(floors=2)), 2, tmp_path / "one") != p1
+    assert ensure_tiny(tiny, Towers(TowersConfig(floors=3)), 2, tmp_path / "one") != p1
