@@ -7,7 +7,10 @@ Public API (shared/design/LOSS.md section 5): ``sdar_loss`` and its eager oracle
 from . import reference
 from .sdar_loss import METRIC_NAMES, SDAROptions, SDAROutput, sdar_loss
 from .linear_sdar_loss import linear_sdar_loss
+from .data_parallel import global_counts
+from .packed import packed_loss_weights
 
 __version__ = "0.1.0"
 
-__all__ = ["sdar_loss", "linear_sdar_loss", "SDAROutput", "SDAROptions", "METRIC_NAMES", "reference", "__version__"]
+__all__ = ["sdar_loss", "linear_sdar_loss", "SDAROutput", "SDAROptions", "METRIC_NAMES", "reference", "__version__",
+           "global_counts", "packed_loss_weights"]
