@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 STATE_FILE = "trainer_state.pt"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3   # 3: a rollout generator (and torch RNG states) per data-parallel rank, and world_size
 
 
 def save_state(path, state: dict) -> None:

@@ -16,6 +16,8 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from sdar_kernels.sdar_loss.options import LOSS_AGG_MODES
+
 # --quick: a few steps on a small warm-up, to check that everything runs (not to measure anything)
 QUICK = dict(steps=3, tasks_per_step=2, eval_instances=8, eval_every=3, warmup_steps=100, micro_batch=64)
 QUICK_SEEDS = 2
@@ -56,6 +58,10 @@ TRAIN_FLAGS = {
         ("--distill-coef", "distill_coef", float, "lambda, the distillation weight (official 0.01)"),
         ("--gate-beta", "gate_beta", float, "gate sharpness beta (official 5; 0 = constant gate 0.5)"),
         ("--loss-backend", "loss_backend", str, "fused: sdar_kernels.sdar_loss; eager: the plain reference"),
+        ("--loss-agg-mode", "loss_agg_mode", str, "how token losses are averaged (verl's loss_agg_mode; over the "
+                                                  "whole mini-batch of every process)"),
+        ("--loss-scale-factor", "loss_scale_factor", float, "S of seq-mean-token-sum-norm: each sequence's token "
+                                                            "sum is divided by it (required with that mode)"),
         ("--max-teacher-len", "max_teacher_len", int, "cut the teacher input to this many tokens (the skill "
                                                        "is kept, the prompt cut from the left)"),
     ],
@@ -76,7 +82,8 @@ TRAIN_FLAGS = {
     ],
 }
 CHOICES = {"noise_kind": ("mixed", "wrong", "irrelevant"), "layout": ("released", "concat"),
-           "distill": ("sampled", "reinforce", "fkl", "rkl", "jsd"), "loss_backend": ("fused", "eager")}
+           "distill": ("sampled", "reinforce", "fkl", "rkl", "jsd"), "loss_backend": ("fused", "eager"),
+           "loss_agg_mode": LOSS_AGG_MODES}
 # on/off fidelity switches: (flag, field, value when given, help)
 SWITCHES = [
     ("--fused-linear", "fused_linear", True, "call sdar_kernels.linear_sdar_loss on hidden states (no logits)"),
@@ -139,18 +146,24 @@ def check_device(cfg):
 
 
 def cmd_train(a):
-    from .trainer import train
+    from .distributed import from_environment
+    from .trainer import pick_device, train
     set_threads(a.threads)
     cfg = config_from_args(a, method=a.method, seed=a.seed)
-    check_device(cfg)
-    out = Path(a.out or f"runs/{cfg.method}-seed{cfg.seed}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    recs = train(cfg, out, resume=a.resume, progress=not a.no_progress, log=lambda m: print(m, file=sys.stderr))
-    final = [r for r in recs if "eval/success" in r]
-    if final:
-        print(json.dumps({"out": str(out), "step": final[-1]["step"], "eval/success": final[-1]["eval/success"],
-                          "eval/teacher_success": final[-1]["eval/teacher_success"]}))
+    dp = from_environment(pick_device(cfg.device))   # under torchrun: this process's rank in the group
+    try:
+        out = Path(a.out or f"runs/{cfg.method}-seed{cfg.seed}")
+        out.mkdir(parents=True, exist_ok=True)
+        if dp.main:
+            (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        recs = train(cfg, out, resume=a.resume, progress=not a.no_progress, dp=dp,
+                     log=lambda m: print(m, file=sys.stderr))
+        final = [r for r in recs if "eval/success" in r]
+        if final:
+            print(json.dumps({"out": str(out), "step": final[-1]["step"], "eval/success": final[-1]["eval/success"],
+                              "eval/teacher_success": final[-1]["eval/teacher_success"]}))
+    finally:
+        dp.close()
     return 0
 
 

@@ -52,6 +52,18 @@ class GateStats:
             self.sum_gap[cat] += d
             self.count[cat] += 1
 
+    @classmethod
+    def merged(cls, parts) -> "GateStats":
+        """One GateStats holding the sums of ``parts`` (e.g. every data-parallel rank's)."""
+        out = cls(parts[0].eos_id)
+        for p in parts:
+            for cat, n in p.count.items():
+                out.sum_gate[cat] += p.sum_gate[cat]
+                out.sum_gap[cat] += p.sum_gap[cat]
+                out.count[cat] += n
+            out.active += p.active
+        return out
+
     def metrics(self) -> dict:
         out = {}
         for cat, n in sorted(self.count.items()):

@@ -23,6 +23,7 @@ The task is any object with the :mod:`sdar.task` protocol; the default is the em
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -40,6 +41,7 @@ from sdar_kernels.reference import sdar_loss_reference
 from .checkpoint import STATE_FILE, load_state, python_rng_state, save_state, set_python_rng_state
 from .config import SDARConfig
 from .diagnostics import GateStats, outcome
+from .distributed import DataParallel
 from .models import TinyConfig, ensure_tiny, load_model
 from .rollout import autocast_for, run_episodes
 from .samples import LAYOUTS, collate, grpo_advantages, shifted_rows, step_samples
@@ -99,6 +101,8 @@ class TrainConfig:
     distill: str | None = None
     distill_coef: float | None = None
     gate_beta: float | None = None
+    loss_agg_mode: str | None = None       # None: token-mean (the released code's)
+    loss_scale_factor: float | None = None  # S of seq-mean-token-sum-norm (verl's response length)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -130,11 +134,18 @@ class TrainConfig:
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         self.towers_config()   # the task's own checks (floors, turns, features, values, noise)
-        self.loss_config()     # and the loss's (distill, gate_beta, distill_coef)
+        mode = self.loss_config().loss_agg_mode   # and the loss's (distill, gate_beta, distill_coef, mode)
+        if self.loss_scale_factor is not None and not (math.isfinite(self.loss_scale_factor)
+                                                       and self.loss_scale_factor > 0):
+            raise ValueError(f"loss_scale_factor must be a finite number > 0, got {self.loss_scale_factor}")
+        if mode == "seq-mean-token-sum-norm" and self.loss_scale_factor is None:
+            raise ValueError("loss_scale_factor is required with loss_agg_mode 'seq-mean-token-sum-norm' (the fixed "
+                             "length S every sequence's token sum is divided by, e.g. max_new_tokens)")
 
     def loss_config(self) -> SDARConfig:
         over = {k: v for k, v in (("distill", self.distill), ("distill_coef", self.distill_coef),
-                                  ("gate_beta", self.gate_beta)) if v is not None}
+                                  ("gate_beta", self.gate_beta), ("loss_agg_mode", self.loss_agg_mode))
+                if v is not None}
         return SDARConfig.for_method(self.method, group_size=self.group_size, **over)
 
     def towers_config(self) -> TowersConfig:
@@ -168,6 +179,19 @@ def masked_rows(model, ids, attn, pos, select, width):
     return shifted_rows(h, width)[select]
 
 
+class LossRows(torch.nn.Module):
+    """:func:`masked_rows` of the policy as a module: the unit DDP wraps (gradients are averaged over the
+    ranks only for a forward that runs inside DDP's call; the lm_head used after it is one of its
+    parameters, so its gradient is averaged too)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, attn, pos, select, width):
+        return masked_rows(self.model, ids, attn, pos, select, width)
+
+
 def project(model, hidden):
     head = model.get_output_embeddings()
     return torch.nn.functional.linear(hidden, head.weight, getattr(head, "bias", None))
@@ -190,10 +214,16 @@ def row_logprobs(model, hidden, labels, temperature, max_elems=1 << 24):
 class Trainer:
     """Holds the task, the policy, the frozen reference, the optimizer and every RNG; ``run()`` trains."""
 
-    def __init__(self, cfg: TrainConfig, out_dir, *, task=None, log=print, progress=True):
-        self.cfg, self.out, self.log, self.progress = cfg, Path(out_dir), log, progress
+    def __init__(self, cfg: TrainConfig, out_dir, *, task=None, log=print, progress=True, dp=None):
+        self.dp = dp if dp is not None else DataParallel()
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.log = log if self.dp.main else (lambda m: None)   # rank 0 speaks and writes for the group
+        self.progress = progress and self.dp.main
         self.out.mkdir(parents=True, exist_ok=True)
-        self.device = pick_device(cfg.device)
+        self.device = self.dp.place(pick_device(cfg.device))
+        if cfg.tasks_per_step * cfg.group_size < self.dp.world:
+            raise ValueError(f"tasks_per_step * group_size = {cfg.tasks_per_step * cfg.group_size} episodes per step "
+                             f"cannot be shared by {self.dp.world} processes")
         self.task = task if task is not None else Towers(cfg.towers_config())
         check_task(self.task)
         self.loss_cfg = cfg.loss_config()
@@ -201,8 +231,9 @@ class Trainer:
         self.live_teacher = self.distills and self.loss_cfg.distill in FULL_VOCAB
         if cfg.fused_linear and not hasattr(sdar_kernels, "linear_sdar_loss"):
             raise ValueError("fused_linear: this sdar_kernels has no linear_sdar_loss")
-        if cfg.model is None:
-            self.source = ensure_tiny(cfg.tiny_config(), self.task, cfg.history, cfg.cache_dir, log=log)
+        if cfg.model is None:   # rank 0 builds the warm-up cache, the others then read it
+            self.source = self.dp.main_first(
+                lambda: ensure_tiny(cfg.tiny_config(), self.task, cfg.history, cfg.cache_dir, log=self.log))
         else:
             self.source = Path(cfg.model)
         self.model, self.codec = load_model(self.source, self.device)
@@ -211,12 +242,14 @@ class Trainer:
             self.ref, _ = load_model(self.source, self.device)
             self.ref.requires_grad_(False).eval()
         self.teacher_model = None     # the pre-update weights, for the live-teacher forms
+        self.policy, self.policy_of = None, None   # LossRows(model), under DDP when data-parallel
         self.opt = self.new_optimizer()
         self.step = 0
         self.task_rng = random.Random(f"tasks:{cfg.seed}")
         self.shuffle_rng = random.Random(f"shuffle:{cfg.seed}")
         self.gen = torch.Generator(device=self.device)
-        self.gen.manual_seed(cfg.seed)
+        # the rollouts' sampling: a stream per rank (rank 0's is the single-process one)
+        self.gen.manual_seed(cfg.seed + 1_000_003 * self.dp.rank)
         self.eval_set = [self.task.instance("eval", i) for i in range(cfg.eval_instances)]
 
     def new_optimizer(self):
@@ -227,6 +260,12 @@ class Trainer:
         return self.out / "checkpoint"
 
     def save(self):
+        """Rank 0 writes the checkpoint; every rank must call this (it gathers their sampling generators)."""
+        generators = self.dp.all_gather(self.gen.get_state())
+        torch_rngs = self.dp.all_gather(torch.get_rng_state())
+        cuda_rngs = self.dp.all_gather(torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        if not self.dp.main:
+            return
         ck = self.checkpoint_dir()
         tmp = self.out / "checkpoint.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -236,8 +275,8 @@ class Trainer:
             "step": self.step, "config": asdict(self.cfg), "source": str(self.source),
             "optimizer": self.opt.state_dict(),
             "task_rng": python_rng_state(self.task_rng), "shuffle_rng": python_rng_state(self.shuffle_rng),
-            "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "world_size": self.dp.world, "generators": generators, "torch_rngs": torch_rngs,
+            "cuda_rngs": cuda_rngs,
         })
         if ck.exists():
             import shutil
@@ -261,17 +300,23 @@ class Trainer:
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if diff:
             raise ValueError(f"resume: the checkpoint was trained with a different config: {diff}")
+        world = st.get("world_size", 1)
+        if world != self.dp.world:
+            raise ValueError(f"resume: the checkpoint was written by {world} process(es), this run has {self.dp.world} "
+                             f"(every process's rollout generator is restored); resume with as many processes")
         self.model, self.codec = load_model(ck, self.device)
         self.opt = self.new_optimizer()
         self.opt.load_state_dict(st["optimizer"])
         self.step = st["step"]
         set_python_rng_state(self.task_rng, st["task_rng"])
         set_python_rng_state(self.shuffle_rng, st["shuffle_rng"])
-        self.gen.set_state(st["generator"])
-        torch.set_rng_state(st["torch_rng"])
-        if st["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["cuda_rng"])
-        self._truncate_metrics()
+        rank = self.dp.rank
+        self.gen.set_state(st["generators"][rank])
+        torch.set_rng_state(st["torch_rngs"][rank])
+        if st["cuda_rngs"][rank] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(st["cuda_rngs"][rank], self.device)
+        if self.dp.main:
+            self._truncate_metrics()
         self.log(f"resumed from {ck} at step {self.step}")
         return True
 
@@ -282,18 +327,26 @@ class Trainer:
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict):
+        if not self.dp.main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------------------------ pieces
     def collect(self):
-        """Roll out one step's groups. Returns (samples with their GRPO scores, advantages, stats)."""
+        """Roll out one step's groups. Returns (samples with their GRPO scores, advantages, stats).
+
+        Data-parallel: every rank draws the same instances and plays its contiguous share of the episodes;
+        the rows' scores are gathered so that each GRPO group is normalised over all of its episodes,
+        whichever rank played them (the same advantages as one process playing them all)."""
         cfg = self.cfg
         idx = [self.task_rng.randrange(cfg.train_instances) for _ in range(cfg.tasks_per_step)]
         instances = [self.task.instance("train", i) for i in idx for _ in range(cfg.group_size)]
+        lo, hi = self.dp.shard(len(instances))
+        mine = instances[lo:hi]
         self.model.eval()
         episodes, envs = run_episodes(
-            self.model, self.codec, self.task, instances, layout=cfg.layout, history=cfg.history,
+            self.model, self.codec, self.task, mine, layout=cfg.layout, history=cfg.history,
             max_new_tokens=cfg.max_new_tokens, temperature=self.loss_cfg.temperature, generator=self.gen,
             device=self.device)
         samples = step_samples(episodes, cfg.layout)
@@ -305,19 +358,22 @@ class Trainer:
                 s.score = env.reward - cfg.invalid_penalty * sum(invalid)
             else:      # released layout: one row per step; the penalty lands on the invalid step's row
                 s.score = env.reward - cfg.invalid_penalty * invalid[max(s.steps)]
-            s.meta = {"skill_kind": instances[s.episode].skill_kind,
+            s.meta = {"skill_kind": mine[s.episode].skill_kind,
                       "outcomes": [outcome(t) for t in env.turns]}
-        groups = [s.episode // cfg.group_size for s in samples]
-        adv = grpo_advantages([s.score for s in samples], groups, [s.episode for s in samples],
+            s.episode += lo   # the episode's index in the whole step: its GRPO group is episode // group_size
+        totals = [sum(e.reward for e in envs), sum(e.success for e in envs),
+                  sum(not t.valid for e in envs for t in e.turns), sum(len(e.turns) for e in envs),
+                  sum(i.skill_kind == "correct" for i in mine)]
+        parts = self.dp.all_gather(([(s.score, s.episode) for s in samples], totals))
+        rows = [r for part, _ in parts for r in part]
+        adv = grpo_advantages([sc for sc, _ in rows], [e // cfg.group_size for _, e in rows], [e for _, e in rows],
                               cross_steps=cfg.cross_steps)
-        n_turns = sum(len(e.turns) for e in envs)
-        stats = {
-            "reward": sum(e.reward for e in envs) / len(envs),
-            "success": sum(e.success for e in envs) / len(envs),
-            "invalid_rate": sum(not t.valid for e in envs for t in e.turns) / max(n_turns, 1),
-            "turns": n_turns / len(envs),
-            "skill_correct": sum(i.skill_kind == "correct" for i in instances) / len(instances),
-        }
+        first = sum(len(part) for part, _ in parts[:self.dp.rank])
+        adv = adv[first:first + len(samples)]
+        reward, success, invalid, n_turns, skill_correct = (sum(t[k] for _, t in parts) for k in range(5))
+        n = len(instances)
+        stats = {"reward": reward / n, "success": success / n, "invalid_rate": invalid / max(n_turns, 1),
+                 "turns": n_turns / n, "skill_correct": skill_correct / n}
         return samples, adv, stats
 
     def batches(self, samples, with_teacher):
@@ -354,7 +410,8 @@ class Trainer:
             return sdar_loss_reference
         return sdar_kernels.sdar_loss
 
-    def micro_loss(self, b, adv_tok, old, tlp, ref, num_tokens):
+    def micro_loss(self, policy, b, adv_tok, old, tlp, ref, weights):
+        """The loss of one micro-batch; ``weights``: its tokens' aggregation weights (``loss_weights``)."""
         cfg, lc = self.cfg, self.loss_cfg
         width = b.input_ids.shape[1]
         kw = lc.loss_kwargs()
@@ -366,14 +423,14 @@ class Trainer:
         if not self.distills:
             kw["distill_coef"] = 0.0
         with autocast_for(self.device):
-            h = masked_rows(self.model, b.input_ids, b.attention_mask, b.position_ids, b.select, width)
+            h = policy(b.input_ids, b.attention_mask, b.position_ids, b.select, width)
             th = None
             if self.live_teacher:
                 with torch.no_grad():
                     th = masked_rows(self.teacher_model, *b.teacher, b.select, width).detach()
             elif tlp is not None:
                 tensors["teacher_logprobs"] = tlp
-            kw.update(num_tokens=num_tokens, **tensors)
+            kw.update(loss_weights=weights, dp_size=self.dp.world, **tensors)
             if cfg.fused_linear:
                 head = self.model.get_output_embeddings()
                 if th is not None:  # the pre-update lm_head projects the teacher; no gradient flows to it
@@ -395,44 +452,96 @@ class Trainer:
         else:
             self.teacher_model.load_state_dict(self.model.state_dict())
 
-    def update(self, samples, adv):
-        cfg = self.cfg
-        if cfg.shuffle:   # rows (and their advantages) in a seeded random order before the split
-            order = list(range(len(samples)))
+    def policy_rows(self):
+        """LossRows of the current model, under DDP when data-parallel (rebuilt when resume() loads weights)."""
+        if self.policy_of is not self.model:
+            self.policy, self.policy_of = self.dp.wrap(LossRows(self.model), self.device), self.model
+        return self.policy
+
+    def step_weights(self, mbs, counts, active=True):
+        """Per-token aggregation weights of every micro-batch of a mini-batch: the loss rows are a packed
+        layout (every token in the loss, ``token_row`` its sequence), normalised by the global counts."""
+        return [sdar_kernels.packed_loss_weights(
+            torch.full((b.num_tokens,), active, dtype=torch.bool, device=self.device), seq_ids=b.token_row,
+            loss_agg_mode=self.loss_cfg.loss_agg_mode, num_tokens=counts["num_tokens"],
+            num_sequences=counts["num_sequences"], loss_scale_factor=self.cfg.loss_scale_factor) for _, b in mbs]
+
+    def global_order(self, n_rows):
+        """(this rank's rows in the step's shuffled order, how many of them each mini-batch holds).
+
+        The rows of all ranks form one list in rank order; one seeded permutation (the same on every rank)
+        shuffles it and ``mini_batches`` consecutive slices cut it, as one process would with all rows."""
+        sizes = self.dp.all_gather(n_rows)
+        first, n_all = sum(sizes[:self.dp.rank]), sum(sizes)
+        order = list(range(n_all))
+        if self.cfg.shuffle:
             self.shuffle_rng.shuffle(order)
-            samples, adv = [samples[i] for i in order], adv[order]
+        per = math.ceil(n_all / self.cfg.mini_batches)
+        mine = lambda g: first <= g < first + n_rows  # noqa: E731
+        own = [g - first for g in order if mine(g)]
+        return own, [sum(map(mine, order[k:k + per])) for k in range(0, n_all, per)]
+
+    def update(self, samples, adv):
+        """One epoch of ``mini_batches`` optimizer steps over the step's rows (of every rank).
+
+        Each rank runs its own rows of each mini-batch, weighted by the mini-batch's global token and
+        sequence counts (``sdar_kernels.global_counts``, one all-reduce), and DDP averages the gradients:
+        the update one process makes with all rows, up to the order of floating-point sums."""
+        cfg = self.cfg
+        own, shares = self.global_order(len(samples))
+        samples, adv = [samples[i] for i in own], adv[own]
         old, tlp, ref = self.prepare(samples)
         if self.live_teacher:
             self.snapshot_teacher()
         self.model.train()
+        policy = self.policy_rows()
         n_tok = [sum(s.loss_mask[1:]) for s in samples]
         offsets = [0]
         for n in n_tok:
             offsets.append(offsets[-1] + n)
-        per = math.ceil(len(samples) / cfg.mini_batches)
         agg, count, gnorms = {}, 0, []
         gates = GateStats(self.codec.eos_id) if self.distills else None
         pick = lambda x, lo, hi: None if x is None else x[lo:hi]  # noqa: E731
-        for m in range(0, len(samples), per):
-            chunk, chunk_adv = samples[m:m + per], adv[m:m + per]
-            total = offsets[m + len(chunk)] - offsets[m]
-            if total == 0:
+        start = 0
+        for share in shares:
+            rows = range(start, start + share)
+            start += share
+            mbs = list(self.batches(samples[rows.start:rows.stop], with_teacher=self.live_teacher))
+            counts = sdar_kernels.global_counts(
+                [torch.ones(b.num_tokens, dtype=torch.bool, device=self.device) for _, b in mbs]
+                or [torch.zeros(0, dtype=torch.bool, device=self.device)],
+                seq_ids=[b.token_row for _, b in mbs] or [torch.zeros(0, dtype=torch.long, device=self.device)])
+            if float(counts["num_tokens"]) == 0:     # global: every rank skips the mini-batch together
                 continue
+            active = bool(mbs)
+            if not active:   # none of its rows are here: a zero-weight pass still joins DDP's gradient all-reduce
+                j = next((i for i, n in enumerate(n_tok) if n), 0)
+                rows = range(j, j + 1)
+                mbs = list(self.batches(samples[j:j + 1], with_teacher=self.live_teacher))
             self.opt.zero_grad(set_to_none=True)
-            lo = offsets[m]
-            for j, (sub, b) in enumerate(self.batches(chunk, with_teacher=self.live_teacher)):
+            lo = offsets[rows.start]
+            for k, ((sub, b), w) in enumerate(zip(mbs, self.step_weights(mbs, counts, active))):
                 hi = lo + b.num_tokens
-                adv_tok = chunk_adv[j * cfg.micro_batch:][b.token_row].to(self.device)
-                out = self.micro_loss(b, adv_tok, old[lo:hi], pick(tlp, lo, hi), pick(ref, lo, hi), float(total))
-                out.loss.backward()
-                for k, v in out.metrics.items():
-                    agg[k] = agg.get(k, 0.0) + float(v) * b.num_tokens
-                if gates is not None:
-                    gates.add(b, sub, out.gate, out.gap)
-                count += b.num_tokens
+                first = rows.start + k * cfg.micro_batch
+                adv_tok = adv[first:first + len(sub)][b.token_row].to(self.device)
+                sync = k == len(mbs) - 1 or not self.dp.distributed    # accumulate locally, all-reduce once
+                with contextlib.nullcontext() if sync else policy.no_sync():
+                    out = self.micro_loss(policy, b, adv_tok, old[lo:hi], pick(tlp, lo, hi), pick(ref, lo, hi), w)
+                    out.loss.backward()
+                if active:
+                    for key, v in out.metrics.items():
+                        agg[key] = agg.get(key, 0.0) + float(v) * b.num_tokens
+                    if gates is not None:
+                        gates.add(b, sub, out.gate, out.gap)
+                    count += b.num_tokens
                 lo = hi
             gnorms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)))
             self.opt.step()
+        if self.dp.distributed:   # token-weighted sums and gate statistics of every rank
+            parts = self.dp.all_gather((agg, count, gates))
+            agg = {k: sum(a.get(k, 0.0) for a, _, _ in parts) for k in dict.fromkeys(k for a, _, _ in parts for k in a)}
+            count = sum(c for _, c, _ in parts)
+            gates = GateStats.merged([g for _, _, g in parts]) if gates is not None else None
         metrics = {k: v / max(count, 1) for k, v in agg.items()
                    if self.distills or k not in DISTILL_METRICS}
         if gates is not None:
@@ -484,7 +593,7 @@ class Trainer:
         if resume:
             self.resume()
         records = []
-        if self.step == 0 and cfg.eval_every:
+        if self.step == 0 and cfg.eval_every and self.dp.main:
             rec = {"step": 0, **self.eval_record()}
             self.write(rec)
             records.append(rec)
@@ -496,7 +605,7 @@ class Trainer:
         while self.step < cfg.steps:
             rec = self.train_step()
             last = self.step == cfg.steps
-            if cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or last) and self.dp.main:
                 rec.update(self.eval_record())
             self.write(rec)
             records.append(rec)
@@ -514,8 +623,9 @@ class Trainer:
         return records
 
 
-def train(cfg: TrainConfig, out_dir, *, task=None, resume=False, log=print, progress=True) -> list:
-    return Trainer(cfg, out_dir, task=task, log=log, progress=progress).run(resume=resume)
+def train(cfg: TrainConfig, out_dir, *, task=None, resume=False, log=print, progress=True, dp=None) -> list:
+    """Train one run; ``dp``: this process's data-parallel place (sdar.distributed), default alone."""
+    return Trainer(cfg, out_dir, task=task, log=log, progress=progress, dp=dp).run(resume=resume)
 
 
 def config_from_dict(d: dict) -> TrainConfig:

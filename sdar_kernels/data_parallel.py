@@ -41,7 +41,7 @@ def local_counts(mask, *, cu_seqlens=None, seq_ids=None) -> torch.Tensor:
     m = loss_mask_as_bool(mask)
     tokens = m.sum(dtype=torch.int64)
     if cu_seqlens is None and seq_ids is None:
-        rows = m.reshape(-1, m.shape[-1]) if m.dim() else m.reshape(1, 1)
+        rows = m.reshape(-1, m.shape[-1]) if m.dim() and m.numel() else m.reshape(1, -1)
         sequences = rows.any(-1).sum(dtype=torch.int64)
     else:
         flat = m.reshape(-1)
