@@ -54,16 +54,17 @@ TRAIN_FLAGS = {
                                                      "it: an invalid action)"),
     ],
     "loss (defaults: the method's official values)": [
-        ("--distill", "distill", str, "distillation form: sampled (released), reinforce, fkl, rkl, jsd"),
-        ("--distill-coef", "distill_coef", float, "lambda, the distillation weight (official 0.01)"),
-        ("--gate-beta", "gate_beta", float, "gate sharpness beta (official 5; 0 = constant gate 0.5)"),
+        ("--distill", "distill", str, "distillation form (default: sampled, the released one)"),
+        ("--distill-coef", "distill_coef", float, "lambda, the distillation weight (default: 0.01, official)"),
+        ("--gate-beta", "gate_beta", float, "gate sharpness beta (default: the method's, 5 for sdar; 0 = a "
+                                            "constant gate 0.5)"),
         ("--loss-backend", "loss_backend", str, "fused: sdar_kernels.sdar_loss; eager: the plain reference"),
         ("--loss-agg-mode", "loss_agg_mode", str, "how token losses are averaged (verl's loss_agg_mode; over the "
                                                   "whole mini-batch of every process)"),
         ("--loss-scale-factor", "loss_scale_factor", float, "S of seq-mean-token-sum-norm: each sequence's token "
                                                             "sum is divided by it (required with that mode)"),
         ("--max-teacher-len", "max_teacher_len", int, "cut the teacher input to this many tokens (the skill "
-                                                       "is kept, the prompt cut from the left)"),
+                                                       "is kept, the prompt cut from the left; default: no cut)"),
     ],
     "model": [
         ("--model", "model", str, "local Hugging Face causal-LM checkpoint directory (default: the embedded "
@@ -111,9 +112,9 @@ def add_train_args(p: argparse.ArgumentParser):
     for group, flags in TRAIN_FLAGS.items():
         g = p.add_argument_group(group)
         for flag, name, typ, text in flags:
-            default = d[name]
+            default = d[name]   # None: the text says what happens by default
             g.add_argument(flag, dest=name, type=typ, default=None, choices=CHOICES.get(name),
-                           help=f"{text} (default: {default if default is not None else 'see text'})")
+                           help=text if default is None else f"{text} (default: {default})")
     g = p.add_argument_group("fidelity switches")
     for flag, name, value, text in SWITCHES:
         g.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=text)
