@@ -59,10 +59,10 @@ TRAIN_FLAGS = {
         ("--gate-beta", "gate_beta", float, "gate sharpness beta (default: the method's, 5 for sdar; 0 = a "
                                             "constant gate 0.5)"),
         ("--loss-backend", "loss_backend", str, "fused: sdar_kernels.sdar_loss; eager: the plain reference"),
-        ("--loss-agg-mode", "loss_agg_mode", str, "how token losses are averaged (verl's loss_agg_mode; over the "
-                                                  "whole mini-batch of every process)"),
-        ("--loss-scale-factor", "loss_scale_factor", float, "S of seq-mean-token-sum-norm: each sequence's token "
-                                                            "sum is divided by it (required with that mode)"),
+        ("--loss-agg-mode", "loss_agg_mode", str, "how token losses are averaged over the mini-batch of every "
+                                                  "process (verl's loss_agg_mode; default: token-mean, the released one)"),
+        ("--loss-scale-factor", "loss_scale_factor", float, "S of seq-mean-token-sum-norm, which divides each "
+                                                            "sequence's token sum by it (required with that mode)"),
         ("--max-teacher-len", "max_teacher_len", int, "cut the teacher input to this many tokens (the skill "
                                                        "is kept, the prompt cut from the left; default: no cut)"),
     ],
