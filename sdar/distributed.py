@@ -10,6 +10,7 @@ DDP averages the gradients. Rank 0 evaluates, writes the metrics and the checkpo
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -46,6 +47,21 @@ class DataParallel:
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def split_rows(self, n_rows: int, mini_batches: int, rng=None) -> tuple:
+        """(this rank's rows in the step's order, how many of them each mini-batch holds).
+
+        The rows of all ranks form one list in rank order; ``rng`` (a ``random.Random`` in the same state
+        on every rank; None: no shuffle) permutes it and ``mini_batches`` consecutive slices cut it, as one
+        process holding every row would. Every rank then runs its own rows of each mini-batch."""
+        sizes = self.all_gather(n_rows)
+        first, n_all = sum(sizes[:self.rank]), sum(sizes)
+        order = list(range(n_all))
+        if rng is not None:
+            rng.shuffle(order)
+        per = math.ceil(n_all / mini_batches)
+        mine = lambda g: first <= g < first + n_rows  # noqa: E731
+        return [g - first for g in order if mine(g)], [sum(map(mine, order[k:k + per])) for k in range(0, n_all, per)]
 
     def barrier(self):
         if self.distributed:

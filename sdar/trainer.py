@@ -18,6 +18,13 @@ One step:
 
 Only the rows that carry loss (the response tokens) are projected to the vocabulary: hidden states of the
 decoder's final norm are gathered first, so the [N, V] logits never include prompt or padding positions.
+Those rows are a packed layout (``Batch.token_row`` names each token's sample), so every ``loss_agg_mode``
+is applied as ``loss_weights`` from ``sdar_kernels.packed_loss_weights``, normalised by the mini-batch's
+global counts (``sdar_kernels.global_counts``).
+
+Data parallel (``torchrun``, :mod:`sdar.distributed`): each rank plays its share of the episodes, GRPO
+normalises every group over all ranks' rows, each mini-batch is the one a single process would form and
+each rank runs its own rows of it under DDP; rank 0 evaluates and writes metrics and checkpoints.
 The task is any object with the :mod:`sdar.task` protocol; the default is the embedded towers task.
 """
 
@@ -458,92 +465,93 @@ class Trainer:
             self.policy, self.policy_of = self.dp.wrap(LossRows(self.model), self.device), self.model
         return self.policy
 
-    def step_weights(self, mbs, counts, active=True):
-        """Per-token aggregation weights of every micro-batch of a mini-batch: the loss rows are a packed
-        layout (every token in the loss, ``token_row`` its sequence), normalised by the global counts."""
-        return [sdar_kernels.packed_loss_weights(
+    def mini_batch_counts(self, mbs) -> dict:
+        """Global token and sequence counts of a mini-batch (``sdar_kernels.global_counts``): its loss rows
+        are a packed layout, every token in the loss and ``token_row`` naming its sequence."""
+        if not mbs:   # this rank holds none of the mini-batch's rows; it still joins the all-reduce
+            return sdar_kernels.global_counts(torch.zeros(0, dtype=torch.bool, device=self.device),
+                                              seq_ids=torch.zeros(0, dtype=torch.long, device=self.device))
+        return sdar_kernels.global_counts([torch.ones(b.num_tokens, dtype=torch.bool, device=self.device)
+                                           for _, b in mbs], seq_ids=[b.token_row for _, b in mbs])
+
+    def token_weights(self, b, counts, active=True):
+        """``loss_weights`` of one micro-batch (any loss_agg_mode, normalised by the global counts); all 0
+        when not ``active``."""
+        return sdar_kernels.packed_loss_weights(
             torch.full((b.num_tokens,), active, dtype=torch.bool, device=self.device), seq_ids=b.token_row,
             loss_agg_mode=self.loss_cfg.loss_agg_mode, num_tokens=counts["num_tokens"],
-            num_sequences=counts["num_sequences"], loss_scale_factor=self.cfg.loss_scale_factor) for _, b in mbs]
-
-    def global_order(self, n_rows):
-        """(this rank's rows in the step's shuffled order, how many of them each mini-batch holds).
-
-        The rows of all ranks form one list in rank order; one seeded permutation (the same on every rank)
-        shuffles it and ``mini_batches`` consecutive slices cut it, as one process would with all rows."""
-        sizes = self.dp.all_gather(n_rows)
-        first, n_all = sum(sizes[:self.dp.rank]), sum(sizes)
-        order = list(range(n_all))
-        if self.cfg.shuffle:
-            self.shuffle_rng.shuffle(order)
-        per = math.ceil(n_all / self.cfg.mini_batches)
-        mine = lambda g: first <= g < first + n_rows  # noqa: E731
-        own = [g - first for g in order if mine(g)]
-        return own, [sum(map(mine, order[k:k + per])) for k in range(0, n_all, per)]
+            num_sequences=counts["num_sequences"], loss_scale_factor=self.cfg.loss_scale_factor)
 
     def update(self, samples, adv):
         """One epoch of ``mini_batches`` optimizer steps over the step's rows (of every rank).
 
         Each rank runs its own rows of each mini-batch, weighted by the mini-batch's global token and
-        sequence counts (``sdar_kernels.global_counts``, one all-reduce), and DDP averages the gradients:
-        the update one process makes with all rows, up to the order of floating-point sums."""
-        cfg = self.cfg
-        own, shares = self.global_order(len(samples))
+        sequence counts (one all-reduce), and DDP averages the gradients: the update one process makes
+        with all rows, up to the order of floating-point sums."""
+        own, shares = self.dp.split_rows(len(samples), self.cfg.mini_batches,
+                                         self.shuffle_rng if self.cfg.shuffle else None)
         samples, adv = [samples[i] for i in own], adv[own]
         old, tlp, ref = self.prepare(samples)
         if self.live_teacher:
             self.snapshot_teacher()
         self.model.train()
-        policy = self.policy_rows()
-        n_tok = [sum(s.loss_mask[1:]) for s in samples]
         offsets = [0]
-        for n in n_tok:
-            offsets.append(offsets[-1] + n)
-        agg, count, gnorms = {}, 0, []
-        gates = GateStats(self.codec.eos_id) if self.distills else None
-        pick = lambda x, lo, hi: None if x is None else x[lo:hi]  # noqa: E731
-        start = 0
+        for s in samples:
+            offsets.append(offsets[-1] + sum(s.loss_mask[1:]))
+        stats = {"agg": {}, "count": 0, "gates": GateStats(self.codec.eos_id) if self.distills else None}
+        gnorms, start = [], 0
         for share in shares:
-            rows = range(start, start + share)
+            gnorm = self.mini_batch(samples, adv, (old, tlp, ref), offsets, range(start, start + share), stats)
             start += share
-            mbs = list(self.batches(samples[rows.start:rows.stop], with_teacher=self.live_teacher))
-            counts = sdar_kernels.global_counts(
-                [torch.ones(b.num_tokens, dtype=torch.bool, device=self.device) for _, b in mbs]
-                or [torch.zeros(0, dtype=torch.bool, device=self.device)],
-                seq_ids=[b.token_row for _, b in mbs] or [torch.zeros(0, dtype=torch.long, device=self.device)])
-            if float(counts["num_tokens"]) == 0:     # global: every rank skips the mini-batch together
-                continue
-            active = bool(mbs)
-            if not active:   # none of its rows are here: a zero-weight pass still joins DDP's gradient all-reduce
-                j = next((i for i, n in enumerate(n_tok) if n), 0)
-                rows = range(j, j + 1)
-                mbs = list(self.batches(samples[j:j + 1], with_teacher=self.live_teacher))
-            self.opt.zero_grad(set_to_none=True)
-            lo = offsets[rows.start]
-            for k, ((sub, b), w) in enumerate(zip(mbs, self.step_weights(mbs, counts, active))):
-                hi = lo + b.num_tokens
-                first = rows.start + k * cfg.micro_batch
-                adv_tok = adv[first:first + len(sub)][b.token_row].to(self.device)
-                sync = k == len(mbs) - 1 or not self.dp.distributed    # accumulate locally, all-reduce once
-                with contextlib.nullcontext() if sync else policy.no_sync():
-                    out = self.micro_loss(policy, b, adv_tok, old[lo:hi], pick(tlp, lo, hi), pick(ref, lo, hi), w)
-                    out.loss.backward()
-                if active:
-                    for key, v in out.metrics.items():
-                        agg[key] = agg.get(key, 0.0) + float(v) * b.num_tokens
-                    if gates is not None:
-                        gates.add(b, sub, out.gate, out.gap)
-                    count += b.num_tokens
-                lo = hi
-            gnorms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)))
-            self.opt.step()
-        if self.dp.distributed:   # token-weighted sums and gate statistics of every rank
+            if gnorm is not None:
+                gnorms.append(gnorm)
+        return self.update_metrics(stats, gnorms)
+
+    def mini_batch(self, samples, adv, per_token, offsets, rows, stats):
+        """One optimizer step on this rank's ``rows`` of a mini-batch. Returns the gradient norm, or None
+        when the mini-batch has no loss token on any rank (skipped by every rank alike)."""
+        cfg = self.cfg
+        mbs = list(self.batches(samples[rows.start:rows.stop], with_teacher=self.live_teacher))
+        counts = self.mini_batch_counts(mbs)
+        if float(counts["num_tokens"]) == 0:
+            return None
+        active = bool(mbs)
+        if not active:   # a zero-weight pass on one of its rows, so that DDP's gradient all-reduce has this rank
+            j = next((i for i in range(len(samples)) if offsets[i + 1] > offsets[i]), 0)
+            rows = range(j, j + 1)
+            mbs = list(self.batches(samples[j:j + 1], with_teacher=self.live_teacher))
+        policy = self.policy_rows()
+        self.opt.zero_grad(set_to_none=True)
+        lo = offsets[rows.start]
+        for k, (sub, b) in enumerate(mbs):
+            hi = lo + b.num_tokens
+            first = rows.start + k * cfg.micro_batch
+            adv_tok = adv[first:first + len(sub)][b.token_row].to(self.device)
+            old, tlp, ref = (None if x is None else x[lo:hi] for x in per_token)
+            sync = k == len(mbs) - 1 or not self.dp.distributed    # accumulate locally, all-reduce once
+            with contextlib.nullcontext() if sync else policy.no_sync():
+                out = self.micro_loss(policy, b, adv_tok, old, tlp, ref, self.token_weights(b, counts, active))
+                out.loss.backward()
+            if active:
+                for key, v in out.metrics.items():
+                    stats["agg"][key] = stats["agg"].get(key, 0.0) + float(v) * b.num_tokens
+                if stats["gates"] is not None:
+                    stats["gates"].add(b, sub, out.gate, out.gap)
+                stats["count"] += b.num_tokens
+            lo = hi
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+        self.opt.step()
+        return gnorm
+
+    def update_metrics(self, stats, gnorms) -> dict:
+        """The step's loss metrics, token-weighted over every rank's rows, and its gate diagnostics."""
+        agg, count, gates = stats["agg"], stats["count"], stats["gates"]
+        if self.dp.distributed:
             parts = self.dp.all_gather((agg, count, gates))
             agg = {k: sum(a.get(k, 0.0) for a, _, _ in parts) for k in dict.fromkeys(k for a, _, _ in parts for k in a)}
             count = sum(c for _, c, _ in parts)
             gates = GateStats.merged([g for _, _, g in parts]) if gates is not None else None
-        metrics = {k: v / max(count, 1) for k, v in agg.items()
-                   if self.distills or k not in DISTILL_METRICS}
+        metrics = {k: v / max(count, 1) for k, v in agg.items() if self.distills or k not in DISTILL_METRICS}
         if gates is not None:
             metrics.update(gates.metrics())
         metrics["grad_norm"] = sum(gnorms) / max(len(gnorms), 1)

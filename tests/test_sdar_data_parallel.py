@@ -4,6 +4,7 @@ across ranks, one update on a fixed batch equal to one process's, resume, and th
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -163,6 +164,10 @@ def test_shares_cover_every_item_once():
             spans = [DataParallel(rank=r, world=world).shard(n) for r in range(world)]
             assert [i for lo, hi in spans for i in range(lo, hi)] == list(range(n))
             assert max(hi - lo for lo, hi in spans) - min(hi - lo for lo, hi in spans) <= 1
+    # one process: its rows in order (or shuffled), cut into mini-batches of ceil(n / mini_batches)
+    assert DataParallel().split_rows(5, 2) == ([0, 1, 2, 3, 4], [3, 2])
+    own, shares = DataParallel().split_rows(7, 3, random.Random(0))
+    assert sorted(own) == list(range(7)) and own != list(range(7)) and shares == [3, 3, 1]
 
 
 def test_data_parallel_errors_name_the_argument(cache, tmp_path):
