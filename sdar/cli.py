@@ -199,7 +199,7 @@ def cmd_compare(a):
     check_device(cfg)
     seeds, jobs = grid_settings(a)
     compare(cfg, arms, seeds, Path(a.out or "runs/compare"), jobs=jobs, threads_per_job=a.threads_per_job,
-            progress=not a.no_progress, smoke=a.quick)
+            progress=not a.no_progress, smoke=a.quick, fresh=a.fresh)
     return 0
 
 
@@ -212,7 +212,7 @@ def cmd_gate(a):
     check_device(cfg)
     seeds, jobs = grid_settings(a)
     gate_experiment(cfg, forms, noises, seeds, Path(a.out or "runs/gate"), jobs=jobs,
-                    threads_per_job=a.threads_per_job, progress=not a.no_progress)
+                    threads_per_job=a.threads_per_job, progress=not a.no_progress, fresh=a.fresh)
     return 0
 
 
@@ -225,6 +225,9 @@ def add_grid_args(p, *, full_seeds: int):
                    help="runs in parallel, each a `python -m sdar train` subprocess (default: min(2, cores); "
                         "1 with --quick: every run in this process)")
     g.add_argument("--threads-per-job", type=int, default=1, help="torch CPU threads of each parallel run")
+    g.add_argument("--fresh", action="store_true",
+                   help="retrain every run (default: a run directory under --out that already holds a finished "
+                        "run of the same configuration is reused, so an interrupted command continues)")
     p.set_defaults(full_seeds=full_seeds)
 
 

@@ -105,12 +105,12 @@ def write_smoke(runs, cfg: TrainConfig, command: str, path: Path):
 
 
 def compare(cfg: TrainConfig, arm_names, seeds, out, *, jobs=2, threads_per_job=1, progress=True,
-            smoke=False, command=None) -> dict:
+            smoke=False, command=None, fresh=False) -> dict:
     out = Path(out)
     arms = make_arms(arm_names)
     command = command or "python -m sdar " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     runs = run_grid(cfg, arms, list(seeds), out, jobs=jobs, threads=threads_per_job, progress=progress,
-                    log=lambda m: print(m, file=sys.stderr))
+                    log=lambda m: print(m, file=sys.stderr), fresh=fresh)
     if smoke:
         write_smoke(runs, cfg, command, out / "smoke.md")
         print((out / "smoke.md").read_text())

@@ -99,7 +99,7 @@ def write_table(summary, cfg: TrainConfig, n_seeds: int, command: str, path: Pat
 
 
 def gate_experiment(cfg: TrainConfig, forms, noises, seeds, out, *, jobs=2, threads_per_job=1, progress=True,
-                    command=None) -> dict:
+                    command=None, fresh=False) -> dict:
     out = Path(out)
     noises = sorted(set(noises))
     if len(noises) < 2:
@@ -109,7 +109,7 @@ def gate_experiment(cfg: TrainConfig, forms, noises, seeds, out, *, jobs=2, thre
             raise ValueError(f"forms: unknown distill form {f!r}")
     command = command or "python -m sdar " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     runs = run_grid(cfg, make_arms(forms, noises), list(seeds), out, jobs=jobs, threads=threads_per_job,
-                    progress=progress, log=lambda m: print(m, file=sys.stderr))
+                    progress=progress, log=lambda m: print(m, file=sys.stderr), fresh=fresh)
     summary = summarize_gate(runs, forms, noises)
     write_table(summary, cfg, len(seeds), command, out / "results.md")
     from .plots import plot_gate

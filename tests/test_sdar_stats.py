@@ -112,3 +112,44 @@ def test_gate_summary_trend_and_plot(tmp_path):
     assert s["trend"]["reinforce"]["final"]["mean"] == pytest.approx(0.1)
     plot_gate(s["cells"], tmp_path / "g.png", "synthetic")
     assert (tmp_path / "g.png").stat().st_size > 10_000
+
+
+def test_grid_reuses_finished_runs_of_the_same_config(tmp_path, monkeypatch):
+    """An interrupted grid continues: a finished run of the same config is read, not retrained; a run that
+    stopped early, or one trained with another config, is trained again; ``fresh`` retrains everything."""
+    import json
+    from dataclasses import asdict, replace
+
+    import sdar.runs as runs_mod
+    import sdar.trainer as trainer_mod
+
+    trained = []
+
+    def fake_train(cfg, run_dir, progress=False, log=None):
+        trained.append((cfg.seed, cfg.lr))
+        lines = [{"step": t, "eval/success": 0.5} for t in range(0, cfg.steps + 1, 5)]
+        (Path(run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    monkeypatch.setattr(trainer_mod, "train", fake_train)
+    monkeypatch.setattr(runs_mod, "prepare_warmup", lambda cfg, log=None: None)
+    base = TrainConfig(steps=10)
+    arms = [runs_mod.Arm("grpo", {"method": "grpo"})]
+    first = runs_mod.run_grid(base, arms, [0, 1], tmp_path, jobs=1, progress=False)
+    assert trained == [(0, base.lr), (1, base.lr)] and [r.metrics[-1]["step"] for r in first] == [10, 10]
+
+    # seed 1 stopped at step 5: only it is trained again
+    m1 = tmp_path / "grpo-seed1" / "metrics.jsonl"
+    m1.write_text("".join(m1.read_text().splitlines(keepends=True)[:2]))
+    trained.clear()
+    again = runs_mod.run_grid(base, arms, [0, 1], tmp_path, jobs=1, progress=False)
+    assert trained == [(1, base.lr)] and again[0].metrics == first[0].metrics
+
+    # another configuration (lr) in the same directories: retrained, and so is everything under fresh
+    trained.clear()
+    runs_mod.run_grid(replace(base, lr=2 * base.lr), arms, [0], tmp_path, jobs=1, progress=False)
+    assert trained == [(0, 2 * base.lr)]
+    assert json.loads((tmp_path / "grpo-seed0" / "base_config.json").read_text()) == \
+        json.loads(json.dumps(asdict(replace(base, lr=2 * base.lr, method="grpo", seed=0))))
+    trained.clear()
+    runs_mod.run_grid(base, arms, [0, 1], tmp_path, jobs=1, progress=False, fresh=True)
+    assert trained == [(0, base.lr), (1, base.lr)]
