@@ -81,20 +81,6 @@ def child_main(case_name, provider, modes, device, conn, budget_s=1.0):
         conn.close()
 
 
-def check_child(conn):
-    """Entry of the forked correctness-check process: the Triton interpreter is switched on before
-    triton is first imported (the zygote never imports it), so the kernels and Liger run on CPU."""
-    import os
-    import warnings
-    os.environ["TRITON_INTERPRET"] = "1"
-    warnings.filterwarnings("ignore")
-    from .check import run_check
-    try:
-        conn.send(run_check("cpu"))
-    finally:
-        conn.close()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--case", required=True)

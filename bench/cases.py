@@ -19,7 +19,7 @@ MODELS = {
 
 # Loss configurations (keyword arguments of sk.sdar_loss; which side inputs exist is in `inputs`).
 CONFIGS = {
-    # The released SDAR objective (LOSS.md section 1): GRPO dual clip + k3 KL + entropy + gated distill.
+    # The released SDAR objective (the paper's values): GRPO dual clip + k3 KL + entropy + gated distill.
     "official": dict(gate_beta=5.0, distill_coef=0.01, distill="sampled", clip_low=0.2, clip_high=0.2,
                      clip_ratio_c=3.0, kl_coef=0.01, entropy_coef=0.001, temperature=1.0),
     # The same without the entropy bonus (entropy_coef = 0 is also verl's default); Liger-Kernel can

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The single prepared GPU script (shared/design/GPU.md): GPU tests, headline benchmarks against every
+# The single prepared GPU script: GPU tests, headline benchmarks against every
 # baseline present, copy bandwidth, all into $OUT, in under 8 minutes. Run from the repository root on
 # the lent machine (see bench/README.md, "GPU"):
 #
@@ -55,5 +55,9 @@ step 210 "bench $SET" python3 -m bench --set "$SET" --results "$OUT" --jsonl "$O
 [ "$SET" = gpu-headline ] && step 90 "bench compile" python3 -m bench --no-check --no-plots --results "$OUT" --jsonl "$OUT/progress.jsonl" \
   --provider eager --provider compile \
   --case 'sdar_loss:qwen3:N8k-V151936:bf16:official' --case 'linear_sdar_loss:qwen3:N8k-V151936-H4096:bf16:official'
+
+# 4. The bound model's predictions (bench/model.py, from the committed sm_90a kernel report) next to the
+#    measured sdar-triton rows of this run, for csrc_notes/perf.md.
+step 30 "model vs measured" python3 -m bench.model --measured "$OUT/progress.jsonl"
 
 log "done; files: $(ls "$OUT" | tr '\n' ' ')"

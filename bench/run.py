@@ -1,10 +1,12 @@
 """``python -m bench``: correctness check, copy bandwidth, every (case, provider, mode), table, CSV, plots.
 
-    python -m bench --quick          # CPU-sized: < 1 minute on 2 cores
+    python -m bench --quick          # CPU-sized set, with the correctness check
     python -m bench                  # the full set of this device (cpu, or gpu on CUDA)
     python -m bench --op sdar_loss --provider eager --provider sdar-torch --set cpu
 
-Every row is appended to bench/results/<device>.csv (never overwritten); plots go next to it as PNG.
+Rows are appended to <results>/<device>.csv (never overwritten) and plots go next to it as PNG. By default
+<results> is bench/results/local/, which git ignores, so a run leaves the checkout clean; --record writes
+into the tracked bench/results/ instead (the project's measured history), --results DIR anywhere else.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -20,7 +23,11 @@ from . import harness
 from .cases import SETS, parse_case
 from .providers import OPS, PROVIDERS
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+# the tracked results (CSV history, the plots the README shows): written only with --record
+RESULTS = os.path.join(BENCH_DIR, "results")
+# a user's own runs: git-ignored (.gitignore), so `python -m bench` never modifies tracked files
+LOCAL_RESULTS = os.path.join(RESULTS, "local")
 
 
 def _progress(total, desc):
@@ -46,24 +53,22 @@ def _progress(total, desc):
 
 # ---------------------------------------------------------------- correctness step
 def run_check_step(device, providers):
-    """Check each provider against the reference. On CPU in a child process under TRITON_INTERPRET=1,
-    so the Triton kernels and Liger are checked too (they cannot be timed there)."""
+    """Check each provider against the reference. On CPU in a fresh interpreter started with
+    TRITON_INTERPRET=1, so the Triton kernels and Liger are checked too (they cannot be timed there).
+    A fresh interpreter, not a child of the case zygote: the interpreter switch only takes effect if it is
+    set before triton is first imported, and the zygote imports it (torch._dynamo does)."""
     t0 = time.time()
     if device == "cuda":
         from .check import run_check
         rows = run_check(device, providers)
     else:
-        from ._case import check_child
-        ctx = _forkserver()
-        recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=check_child, args=(send,))
-        p.start()
-        send.close()
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+        p = subprocess.run([sys.executable, "-m", "bench.check", "--json"], cwd=os.path.dirname(BENCH_DIR),
+                           env=env, capture_output=True, text=True)
         try:
-            rows = recv.recv()
-        except EOFError:
-            raise RuntimeError(f"correctness check process exited with {p.exitcode}") from None
-        p.join()
+            rows = json.loads(p.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            raise RuntimeError(f"correctness check process exited with {p.returncode}:\n{p.stderr[-3000:]}") from None
         rows = [r for r in rows if r["provider"] in providers]
     from .check import format_rows
     print(f"\n== correctness vs sdar_kernels.reference (fp32, loss and gradient; {time.time() - t0:.1f} s"
@@ -187,16 +192,22 @@ def select_cases(a, device):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the CPU-sized set (under a minute on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="the CPU-sized case set (4 small cases)")
     ap.add_argument("--set", choices=sorted(SETS), help="case set (default: quick with --quick, else cpu/gpu)")
-    ap.add_argument("--case", action="append", help="case name(s) from bench/cases.py (or ad-hoc, same format)")
-    ap.add_argument("--op", action="append", choices=OPS)
-    ap.add_argument("--provider", action="append", choices=sorted(PROVIDERS))
-    ap.add_argument("--modes", default="fwd,fwd_bwd")
+    ap.add_argument("--case", action="append", help="case name(s) from bench/cases.py (or ad-hoc, same format); "
+                    "repeat the flag for several")
+    ap.add_argument("--op", action="append", choices=OPS, help="only the cases of this op (repeatable)")
+    ap.add_argument("--provider", action="append", choices=sorted(PROVIDERS),
+                    help="only this provider (repeatable; default: every provider available here)")
+    ap.add_argument("--modes", default="fwd,fwd_bwd", help="comma-separated: fwd (loss only), fwd_bwd (loss and "
+                    "gradient); default both")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness step")
-    ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--no-csv", action="store_true", help="do not append to bench/results/<device>.csv")
-    ap.add_argument("--results", default=RESULTS, help="folder of the CSV and PNG files")
+    ap.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
+    ap.add_argument("--no-csv", action="store_true", help="do not append the rows to <results>/<device>.csv")
+    ap.add_argument("--results", help="folder of the CSV and PNG files (default: bench/results/local/, "
+                    "ignored by git)")
+    ap.add_argument("--record", action="store_true", help="write into the tracked bench/results/ (the "
+                    "project's CSV history and the README's plots) instead of bench/results/local/")
     ap.add_argument("--markdown", help="also write the table as Markdown to this file")
     ap.add_argument("--jsonl", help="append each raw row to this file as soon as it is measured "
                     "(survives a timeout that kills the run before the table)")
@@ -205,6 +216,9 @@ def main(argv=None):
     ap.add_argument("--in-process", action="store_true",
                     help="CPU: run cases in this process instead of a fresh one each (peak RSS less isolated)")
     a = ap.parse_args(argv)
+    if a.record and a.results:
+        ap.error("--record writes into bench/results/; drop --results (or drop --record to write elsewhere)")
+    a.results = a.results or (RESULTS if a.record else LOCAL_RESULTS)
 
     t_start = time.time()
     device = harness.device_kind()
@@ -288,5 +302,7 @@ def main(argv=None):
                 print(f"plot: {os.path.relpath(p)}")
         except ImportError as e:
             print(f"plots skipped: {e} (pip install matplotlib)")
+    if not a.record and os.path.abspath(a.results) == LOCAL_RESULTS and not (a.no_csv and a.no_plots):
+        print("(results are local and ignored by git; --record adds them to the tracked bench/results/)")
     print(f"total {time.time() - t_start:.1f} s")
     return 1 if failed else 0

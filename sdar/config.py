@@ -1,4 +1,4 @@
-"""SDAR training configuration: the official hyperparameters (shared/design/LOSS.md section 1)."""
+"""SDAR training configuration: the official hyperparameters (docs/api.md, "Defaults: whose are they")."""
 
 from __future__ import annotations
 

@@ -25,6 +25,8 @@ import torch
 
 @dataclass
 class LMHeadInputs:
+    """What ``lm_head_inputs`` returns: a dataclass (read the fields by name), not a tuple."""
+
     hidden: torch.Tensor          # [B, T, H]: the lm_head's input (after the final norm, scale folded in)
     weight: torch.Tensor          # [V, H]: the lm_head weight Parameter itself
     bias: torch.Tensor | None     # [V] or None

@@ -214,12 +214,9 @@ def check_active_terms(options, *, has_teacher, has_advantages):
         "(distillation), advantages (policy gradient), kl_coef > 0 with ref_logprobs, or entropy_coef != 0")
 
 
-def normalize_inputs(logits, labels, *, teacher_logits=None, teacher_logprobs=None, mask=None,
-                     advantages=None, old_logprobs=None, ref_logprobs=None, loss_weights=None,
-                     num_tokens=None, num_sequences=None, loss_scale_factor=None, dp_size=1,
-                     **option_kwargs) -> PreparedInputs:
-    """Validate one call of the SDAR loss and flatten it to [N] / [N, V]. Raises ValueError."""
-    options = SDAROptions(**option_kwargs)
+def check_logits_and_labels(logits, labels):
+    """The checks every logits op shares: [..., V] float logits and integer labels of their token shape.
+    Returns (device, token_shape, V)."""
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, allow_none=False)
     if logits.dim() < 2:
         raise ValueError(f"logits must be [..., V] with at least 2 dims, got shape {tuple(logits.shape)}")
@@ -229,6 +226,26 @@ def normalize_inputs(logits, labels, *, teacher_logits=None, teacher_logprobs=No
     check_tensor("labels", labels, shape=token_shape, device=device, allow_none=False)
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    return device, token_shape, V
+
+
+def mask_as_bool(mask, token_shape, device):
+    """The (already shape-checked) mask as bool; all True when absent."""
+    if mask is not None and mask.is_complex():
+        raise ValueError(f"mask must be a bool or numeric 0/1 tensor, got {mask.dtype}")
+    return torch.ones(token_shape, dtype=torch.bool, device=device) if mask is None else mask != 0
+
+
+def normalize_inputs(logits, labels, *, teacher_logits=None, teacher_logprobs=None, mask=None,
+                     advantages=None, old_logprobs=None, ref_logprobs=None, loss_weights=None,
+                     num_tokens=None, num_sequences=None, loss_scale_factor=None, dp_size=1,
+                     label_vocab=None, **option_kwargs) -> PreparedInputs:
+    """Validate one call of the SDAR loss and flatten it to [N] / [N, V]. Raises ValueError.
+
+    ``label_vocab``: the range of the labels when the logits hold one vocabulary shard (tensor parallel);
+    default: the logits' own V."""
+    options = SDAROptions(**option_kwargs)
+    device, token_shape, V = check_logits_and_labels(logits, labels)
 
     if teacher_logits is not None and teacher_logprobs is not None:
         raise ValueError("pass at most one teacher form: teacher_logits or teacher_logprobs, not both")
@@ -259,11 +276,9 @@ def normalize_inputs(logits, labels, *, teacher_logits=None, teacher_logprobs=No
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
                              f"logits are on {device}")
 
-    if mask is not None and mask.is_complex():
-        raise ValueError(f"mask must be a bool or numeric 0/1 tensor, got {mask.dtype}")
-    mask_bool = torch.ones(token_shape, dtype=torch.bool, device=device) if mask is None else mask != 0
+    mask_bool = mask_as_bool(mask, token_shape, device)
     labels_flat = labels.reshape(-1).to(torch.int64)
-    check_token_values(labels_flat, mask_bool.reshape(-1), V,
+    check_token_values(labels_flat, mask_bool.reshape(-1), label_vocab or V,
                        mask_values=None if mask is None else mask.reshape(-1),
                        teacher_logprobs=None if teacher_logprobs is None else teacher_logprobs.reshape(-1))
 

@@ -1,6 +1,6 @@
 """Shared test helpers for the SDAR loss: input builders, runners and the oracle assertion.
 
-Oracle rule (shared/design/CONVENTIONS.md): a backend's error against the float64 reference must be at
+Oracle rule: a backend's error against the float64 reference must be at
 most ~2x the error of the eager reference at the input's dtype (``compute_dtype=float32`` on the same
 bf16/fp16/fp32 inputs, whose gradient is rounded to the input dtype like the backends'), plus a small atol.
 """

@@ -19,14 +19,17 @@ if ROOT not in sys.path:  # bench/ is not an installed package; `pytest` (not `p
 from bench import harness  # noqa: E402
 from bench._case import run_case  # noqa: E402
 from bench.cases import SETS, Case, all_cases, parse_case  # noqa: E402
-from bench.check import run_check  # noqa: E402
+from bench.run import run_check_step  # noqa: E402
 from bench.providers import PROVIDERS  # noqa: E402
 
 
 # numpy warnings of the Triton interpreter on masked lanes (-inf * 0 in lanes that are never stored)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_every_provider_matches_the_reference():
-    rows = run_check("cpu")
+    # through the step `python -m bench` runs (a fresh interpreter with TRITON_INTERPRET=1), not in this
+    # process: a check child forked from a process that had already imported triton could not switch to
+    # the interpreter, and every Triton provider errored while this test, run in-process, still passed
+    rows = run_check_step("cpu", list(PROVIDERS))
     bad = [r for r in rows if r["status"] in ("FAIL", "error")]
     assert not bad, "\n".join(str(r) for r in bad)
     ran = {r["provider"] for r in rows if r["status"] == "ok"}
@@ -77,18 +80,6 @@ def test_cli_prints_table_csv_and_plots(tmp_path, capsys):
     files = os.listdir(tmp_path)
     assert any(f.endswith(".csv") for f in files)
     assert importlib.util.find_spec("matplotlib") is None or any(f.endswith(".png") for f in files)
-
-
-def test_kernel_report_compiles_for_sm90_without_gpu():
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-m", "bench.kernel_report", "--only", "qwen3 N8k bf16 official fwd+grad]"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if "cuobjdump not found" in p.stdout + p.stderr:
-        pytest.skip("no cuobjdump in this triton wheel")
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "no Triton kernels" not in p.stdout, "the registry must build the sdar_loss variants"
-    assert "local (spill) 0 B" in p.stdout and "LDG.E.128" in p.stdout, p.stdout
 
 
 def test_providers_are_named_as_documented():

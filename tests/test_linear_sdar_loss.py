@@ -1,6 +1,6 @@
 """Fused-linear SDAR loss (hidden states + lm_head in) against the oracles and against ``sdar_loss``.
 
-Oracle rule (shared/design/CONVENTIONS.md): |ours - fp64 oracle| <= 2 * |eager - fp64 oracle| + atol, where
+Oracle rule: |ours - fp64 oracle| <= 2 * |eager - fp64 oracle| + atol, where
 eager = "matmul then loss" at the input dtype (logits = hidden @ W.T in that dtype, then the eager SDAR
 reference, autograd back to hidden / W / b) and the fp64 oracle = the SDAR reference in fp64 on the
 fp32-rounded exact logits, chained to hidden / W / b with fp64 matmuls. Random upstream gradients for
@@ -254,7 +254,7 @@ def test_masked_rows_nonfinite_hidden(small_chunks, monkeypatch, compact, dt):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
 def test_cuda_gemm_path_emulated(small_chunks, monkeypatch, reduction, dt):
-    """The CUDA GEMM path (low-precision operands, fp32-output GEMMs, G cast to the weight dtype for the
+    """The CUDA GEMM path (low-precision operands, fp32-output GEMMs, G written in the weight dtype for the
     gradient GEMMs, masked rows not compacted) run on CPU, with the fp32-output GEMM emulated exactly."""
     calls = []
 

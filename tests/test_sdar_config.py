@@ -10,7 +10,7 @@ import sdar
 from helpers import make_case
 from sdar_kernels import sdar_loss
 
-# LOSS.md section 1 (the released code's values), written out by hand
+# the SDAR paper's released values (docs/api.md, "Defaults"), written out by hand
 OFFICIAL = {"gate_beta": 5.0, "distill_coef": 0.01, "distill": "sampled", "clip_low": 0.2, "clip_high": 0.2,
             "clip_ratio_c": 3.0, "kl_coef": 0.01, "entropy_coef": 0.001, "temperature": 1.0,
             "loss_agg_mode": "token-mean", "group_size": 8, "use_policy_gradient": True}

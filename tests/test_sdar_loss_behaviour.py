@@ -59,7 +59,7 @@ def test_nonfinite_masked_rows_get_exact_zero_gradient(backend, dtype, device):
 
 
 def _expected_metrics(case, ref, opts):
-    """Masked token means computed here from the fp64 reference's per-token outputs and LOSS.md formulas."""
+    """Masked token means computed here from the fp64 reference's per-token outputs and docs/api.md."""
     m = case["mask"].cpu()
     logp, gate, gap = ref.logprobs.double().cpu(), ref.gate.double().cpu(), ref.gap.double().cpu()
 
@@ -334,7 +334,7 @@ def test_int32_labels_equal_int64(backend, device):
 
 @pytest.mark.parametrize("fn", ["reference", "torch", "triton"])
 def test_nan_loss_weights_on_masked_rows_contribute_nothing(fn, device):
-    """A masked row contributes nothing (LOSS.md section 5): a NaN explicit weight there must not turn the
+    """A masked row contributes nothing (docs/api.md): a NaN explicit weight there must not turn the
     loss into NaN (w_t = 0 on masked tokens, section 3)."""
     dev = device if fn == "triton" else "cpu"
     case = make_case(9, 509, device=dev, advantages="token", mask="empty_rows", nan_masked=True, loss_weights=True)

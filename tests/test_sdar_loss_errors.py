@@ -1,5 +1,5 @@
 """Every ValueError path of ``sdar_loss`` (and of the reference, which shares the validation): the message
-names the offending argument (LOSS.md section 5)."""
+names the offending argument (docs/api.md, "Limits and errors")."""
 
 import math
 

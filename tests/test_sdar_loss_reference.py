@@ -1,4 +1,4 @@
-"""The oracle itself, checked against math done by hand (LOSS.md section 2-4), and then both backends
+"""The oracle itself, checked against math done by hand (sdar_loss/README.md), and then both backends
 against the same hand-derived values: closed forms on a 2-token vocabulary, every policy-gradient clip
 branch, the k3 clamp, a pure-Python model of one token with finite-difference gradients, the
 aggregation modes, and fp64 vs fp32 agreement of the reference."""
@@ -133,7 +133,7 @@ def _log_softmax(z):
 
 
 def py_token_loss(z, y, zt, adv, old, ref, o, z_sg=None):
-    """l_t of LOSS.md section 2; stop-gradient quantities are taken at ``z_sg`` (fixed under differences)."""
+    """l_t of sdar_loss/README.md; stop-gradient quantities are taken at ``z_sg`` (fixed under differences)."""
     tau = o["temperature"]
     lp = _log_softmax([v / tau for v in z])
     lp_sg = _log_softmax([v / tau for v in (z_sg or z)])

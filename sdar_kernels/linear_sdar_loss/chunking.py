@@ -3,8 +3,9 @@
 One chunk of C rows holds, beyond the inputs and the gradients:
   student logits, fp32, [C, V]          (the row engine writes the logit gradient into it, in place)
   teacher logits, fp32, [C, V]          (only with ``teacher_hidden``; none with ``teacher_logprobs``)
-  a bf16/fp16 copy of the gradient      (only for low-precision weights on CUDA: the backward GEMMs'
-                                         operand; the CPU path multiplies with an fp32 weight copy)
+  the gradient in bf16/fp16             (only for low-precision weights on CUDA: the backward GEMMs'
+                                         operand, written by the row engine; the CPU path multiplies with
+                                         an fp32 weight copy and takes the gradient written over the logits)
 The row engine adds nothing per row: the Triton engine works in place, and the torch engine's ~5 fp32
 temporaries are bounded by its own sub-chunking (torch_impl.CHUNK_ELEMENTS: at most ~5 x 16 MiB).
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .._tp import vocab_shard
 from ..sdar_loss import ops as row_ops
 from ..sdar_loss.engines import pick_engine
 from ..sdar_loss.output import SDAROutput, package_output
@@ -28,7 +29,7 @@ def linear_sdar_loss(
     loss_weights=None, num_tokens=None, num_sequences=None, loss_scale_factor=None, dp_size=1, gate_beta=5.0, distill_coef=0.01, distill="sampled",
     jsd_beta=0.5, clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0, entropy_coef=0.0,
     temperature=1.0, loss_agg_mode="token-mean", reduction="mean", inplace_backward=False,
-    backend="auto",
+    backend="auto", tp_group=None,
 ) -> SDAROutput:
     """Fused-linear SDAR loss: ``sdar_loss(hidden @ weight.T + bias, labels, teacher_logits=teacher_hidden
     @ (teacher_weight or weight).T + teacher_bias, ...)`` without ever holding the [N, V] logits.
@@ -37,11 +38,18 @@ def linear_sdar_loss(
     weight); bias: [V] or None. Teacher: ``teacher_hidden`` (same token shape; uses ``weight`` and
     ``bias`` unless ``teacher_weight`` / ``teacher_bias`` are given; no gradient ever flows to it, even
     when the weight is shared) or ``teacher_logprobs`` (no teacher matmul at all). Every other argument
-    is that of ``sdar_loss`` (LOSS.md). ``inplace_backward`` has no effect here: the logit gradient is
+    is that of ``sdar_loss`` (docs/api.md). ``inplace_backward`` has no effect here: the logit gradient is
     always written into the chunk's own fp32 logits buffer. See README.md in this folder.
+
+    ``tp_group``: the lm_head is split over this process group (tensor parallel): ``weight`` / ``bias`` (and
+    the teacher's) are this rank's contiguous rows [r V/P, (r+1) V/P), labels global ids. Every rank gets
+    the same loss and outputs, the gradient of its own weight / bias rows, and the full gradient of
+    ``hidden`` (its shard contributions are summed over the group inside the op: do not all-reduce it again).
     """
+    shard = vocab_shard(tp_group, weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
     inputs = prepare_linear_inputs(
-        hidden, weight, labels, bias=bias, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+        hidden, weight, labels, bias=bias, label_vocab=shard and shard.vocab, teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
         teacher_bias=teacher_bias, teacher_logprobs=teacher_logprobs, mask=mask, advantages=advantages,
         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, loss_weights=loss_weights,
         num_tokens=num_tokens, num_sequences=num_sequences, loss_scale_factor=loss_scale_factor,
@@ -59,6 +67,7 @@ def linear_sdar_loss(
         inputs.hidden, weight, bias, x.labels, x.mask, x.weights, inputs.teacher_hidden,
         None if inputs.shared_weight else inputs.teacher_weight, None if shared_bias else inputs.teacher_bias,
         x.teacher_logprobs, x.advantages, x.old_logprobs, x.ref_logprobs, *row_ops.option_args(x.options),
-        pick_engine(x.options.backend, inputs.hidden), schedule, *needs)
+        pick_engine(x.options.backend, inputs.hidden), schedule, *needs, shard and shard.group_name,
+        shard.offset if shard else 0)
     has_teacher = inputs.teacher_hidden is not None or x.teacher_logprobs is not None
     return package_output(loss, stacked, x, has_teacher=has_teacher)

@@ -6,7 +6,8 @@ accumulation and an fp32 output (``torch.mm(..., out_dtype=torch.float32)``); wh
 missing (CPU, older torch) the operands are upcast and the GEMM runs in fp32, with one fp32 copy of the
 weight per call (bounded: V * H * 4 bytes, independent of N).
 
-The backward GEMMs take the fp32 logit gradient g [C, V]:
+The backward GEMMs take the logit gradient g [C, V] (fp32, or written directly in the weight's dtype on
+CUDA bf16 / fp16, as eager autograd would give it):
   grad_hidden[chunk] = g @ W           (operands in the weight's dtype on CUDA, as eager autograd does)
   grad_W            += g.T @ h_chunk   (accumulated in an fp32 [V, H] buffer, chunks in order: deterministic)
   grad_b            += g.sum(0)        (fp32)
@@ -76,7 +77,7 @@ class Head:
 
     @property
     def low_precision_grad_copy(self) -> bool:
-        """The backward GEMMs need a [C, V] copy of the gradient in the weight's dtype."""
+        """The backward GEMMs take the gradient in the weight's dtype: a [C, V] buffer of its own."""
         return self.native and self.dtype != F32
 
     def w32(self) -> torch.Tensor:
@@ -98,9 +99,20 @@ class Head:
             z.add_(self.bias)
         return z
 
-    def grad_operand(self, g: torch.Tensor) -> torch.Tensor:
-        """The backward GEMMs' left operand: g itself, or its copy in the weight dtype (CUDA bf16/fp16)."""
-        return g.to(self.dtype) if self.low_precision_grad_copy else g
+    def grad_buffer(self, z: torch.Tensor) -> torch.Tensor:
+        """Where the row engine writes the chunk's logit gradient G, the backward GEMMs' left operand: the
+        fp32 logits ``z`` themselves (overwritten), or a fresh [C, V] buffer in the weight dtype (CUDA
+        bf16 / fp16), which the engine writes directly (no fp32 gradient followed by a cast pass)."""
+        if self.low_precision_grad_copy:
+            return torch.empty(z.shape, dtype=self.dtype, device=z.device)
+        return z
+
+    def label_logprobs(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, temperature: float):
+        """(log p(label), lse) [N] fp32 of the rows ``h`` [N, H] without any [N, V] or [C, V] logits: one
+        fused GEMM + online log-sum-exp pass (logprob_launch.py; CUDA, or the interpreter on CPU)."""
+        from .logprob_launch import linear_logprobs   # imports triton: only where Triton runs
+        out = linear_logprobs(h, self.weight, labels, bias=self.bias, mask=mask, temperature=temperature)
+        return out.logprobs, out.lse
 
     def grad_input(self, g_op: torch.Tensor, out: torch.Tensor) -> None:
         """out [C, H] = g @ W; ``out`` is in the hidden dtype or fp32 (the fused path's accumulator)."""

@@ -42,9 +42,29 @@ def _check_head(prefix, hidden_name, hidden, weight, bias, device):
     check_tensor(f"{prefix}bias", bias, shape=weight.shape[:1], device=device, dtypes=FLOAT_DTYPES)
 
 
-def prepare_linear_inputs(hidden, weight, labels, *, bias=None, teacher_hidden=None, teacher_weight=None,
-                          teacher_bias=None, teacher_logprobs=None, **kwargs) -> LinearInputs:
-    """Validate a ``linear_sdar_loss`` call (ValueError naming the argument) and flatten it."""
+@dataclass
+class Heads:
+    """The validated heads of a fused-linear call, with flat [N, H] hidden states."""
+
+    hidden: torch.Tensor                 # [N, H] (a view of ``hidden`` where possible; differentiable)
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    teacher_hidden: torch.Tensor | None  # [N, H_T] detached
+    teacher_weight: torch.Tensor | None  # ``weight`` itself when the teacher shares the head
+    teacher_bias: torch.Tensor | None
+    shared_weight: bool
+    token_shape: torch.Size
+
+    def stand_in_logits(self):
+        """[..., V] with strides (0, ..., 0, 1), backed by one [V] buffer that is never read: lets the
+        logits ops' validation (labels, mask, side inputs, options) run without any [N, V] tensor."""
+        V = self.weight.shape[0]
+        return torch.empty(V, dtype=self.hidden.dtype, device=self.hidden.device).expand(*self.token_shape, V)
+
+
+def check_heads(hidden, weight, *, bias=None, teacher_hidden=None, teacher_weight=None,
+                teacher_bias=None) -> Heads:
+    """Validate the hidden states and lm heads of a fused-linear call (ValueError naming the argument)."""
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, allow_none=False)
     if hidden.dim() < 2:
         raise ValueError(f"hidden must be [..., H] with at least 2 dims, got shape {tuple(hidden.shape)}")
@@ -55,11 +75,6 @@ def prepare_linear_inputs(hidden, weight, labels, *, bias=None, teacher_hidden=N
 
     if teacher_hidden is None and (teacher_weight is not None or teacher_bias is not None):
         raise ValueError("teacher_weight / teacher_bias need teacher_hidden")
-    if teacher_hidden is not None and teacher_logprobs is not None:
-        raise ValueError("pass at most one teacher form: teacher_hidden or teacher_logprobs, not both")
-    if kwargs.get("distill", "sampled") in FULL_VOCAB_DISTILL and teacher_hidden is None:
-        raise ValueError(f"distill={kwargs['distill']!r} is a full-vocabulary divergence and needs "
-                         f"teacher_hidden")
     shared = teacher_hidden is not None and (teacher_weight is None or teacher_weight is weight)
     if teacher_hidden is not None:
         check_tensor("teacher_hidden", teacher_hidden, device=device, dtypes=FLOAT_DTYPES)
@@ -79,11 +94,6 @@ def prepare_linear_inputs(hidden, weight, labels, *, bias=None, teacher_hidden=N
                 raise ValueError(f"teacher_weight must have V = {V} rows (as weight), "
                                  f"got shape {tuple(teacher_weight.shape)}")
 
-    # Stand-ins: [..., V] with strides (0, ..., 0, 1), backed by one [V] buffer that is never read.
-    stand_in = torch.empty(V, dtype=hidden.dtype, device=device).expand(*token_shape, V)
-    x = normalize_inputs(stand_in, labels, teacher_logits=None if teacher_hidden is None else stand_in,
-                         teacher_logprobs=teacher_logprobs, **kwargs)
-
     def flat(t):
         if t is None:
             return None
@@ -93,7 +103,25 @@ def prepare_linear_inputs(hidden, weight, labels, *, bias=None, teacher_hidden=N
     h2d = hidden.reshape(-1, hidden.shape[-1])
     if not h2d.is_contiguous():
         h2d = h2d.contiguous()
+    return Heads(hidden=h2d, weight=weight, bias=bias, teacher_hidden=flat(teacher_hidden),
+                 teacher_weight=teacher_weight, teacher_bias=teacher_bias, shared_weight=shared,
+                 token_shape=token_shape)
+
+
+def prepare_linear_inputs(hidden, weight, labels, *, bias=None, teacher_hidden=None, teacher_weight=None,
+                          teacher_bias=None, teacher_logprobs=None, **kwargs) -> LinearInputs:
+    """Validate a ``linear_sdar_loss`` call (ValueError naming the argument) and flatten it."""
+    heads = check_heads(hidden, weight, bias=bias, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                        teacher_bias=teacher_bias)
+    if teacher_hidden is not None and teacher_logprobs is not None:
+        raise ValueError("pass at most one teacher form: teacher_hidden or teacher_logprobs, not both")
+    if kwargs.get("distill", "sampled") in FULL_VOCAB_DISTILL and teacher_hidden is None:
+        raise ValueError(f"distill={kwargs['distill']!r} is a full-vocabulary divergence and needs "
+                         f"teacher_hidden")
+    stand_in = heads.stand_in_logits()
+    x = normalize_inputs(stand_in, labels, teacher_logits=None if teacher_hidden is None else stand_in,
+                         teacher_logprobs=teacher_logprobs, **kwargs)
     return LinearInputs(
-        x=x, hidden=h2d, weight=weight, bias=bias, teacher_hidden=flat(teacher_hidden),
-        teacher_weight=teacher_weight, teacher_bias=teacher_bias, shared_weight=shared,
+        x=x, hidden=heads.hidden, weight=weight, bias=bias, teacher_hidden=heads.teacher_hidden,
+        teacher_weight=heads.teacher_weight, teacher_bias=heads.teacher_bias, shared_weight=heads.shared_weight,
     )

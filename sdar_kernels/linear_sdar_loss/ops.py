@@ -13,6 +13,7 @@ The teacher head is passed as given by the user: ``teacher_weight`` None means "
 ``teacher_bias`` None then means "the student's bias too").
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -24,14 +25,16 @@ from ..sdar_loss.ops import OPTION_ARGS
 from ..sdar_loss.options import SDAROptions
 from ..sdar_loss.output import NUM_ROW_STATS, PER_TOKEN_FIELDS, reduce_loss
 from .inputs import LinearInputs
+from ..sdar_loss.vocab_parallel import resolve_group
 from .schedule import make_plan, run_chunks
+from .vocab_parallel import run_vocab_parallel
 
 F32 = torch.float32
 _NUM_TENSOR_INPUTS = 13
 
 
 def _plan(hidden, weight, bias, labels, mask, weights, teacher_hidden, teacher_weight, teacher_bias,
-          teacher_logprobs, advantages, old_logprobs, ref_logprobs, opts, engine):
+          teacher_logprobs, advantages, old_logprobs, ref_logprobs, opts, engine, vocab_parallel=False):
     options = SDAROptions(**dict(zip(OPTION_ARGS, opts)), backend=engine)
     x = PreparedInputs(logits=None, labels=labels, mask=mask, weights=weights, teacher_logits=None,
                        teacher_logprobs=teacher_logprobs, advantages=advantages, old_logprobs=old_logprobs,
@@ -42,7 +45,7 @@ def _plan(hidden, weight, bias, labels, mask, weights, teacher_hidden, teacher_w
         teacher_bias = bias if teacher_bias is None else teacher_bias
     inputs = LinearInputs(x=x, hidden=hidden, weight=weight, bias=bias, teacher_hidden=teacher_hidden,
                           teacher_weight=teacher_weight, teacher_bias=teacher_bias, shared_weight=shared)
-    return make_plan(inputs, ENGINES[engine])
+    return make_plan(inputs, ENGINES[engine], vocab_parallel)
 
 
 def _grad_buffers(hidden, weight, bias, needs, hidden_dtype):
@@ -61,17 +64,20 @@ def linear_sdar_loss_forward(
     gate_beta: float, distill_coef: float, distill: str, jsd_beta: float, clip_low: float, clip_high: float,
     clip_ratio_c: Optional[float], kl_coef: float, entropy_coef: float, temperature: float, reduction: str,
     engine: str, schedule: str, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+    tp_group_name: Optional[str] = None, vocab_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     opts = (gate_beta, distill_coef, distill, jsd_beta, clip_low, clip_high, clip_ratio_c, kl_coef,
             entropy_coef, temperature, reduction)
     plan = _plan(hidden, weight, bias, labels, mask, weights, teacher_hidden, teacher_weight, teacher_bias,
-                 teacher_logprobs, advantages, old_logprobs, ref_logprobs, opts, engine)
+                 teacher_logprobs, advantages, old_logprobs, ref_logprobs, opts, engine, tp_group_name is not None)
     needs = (grad_hidden, grad_weight, grad_bias) if schedule == "fused" else (False, False, False)
     # fused: every gradient stays fp32 until backward has applied the upstream scale, so a bf16 / fp16
     # gradient is rounded once (scaling an already-rounded bf16 gradient would round twice)
     gh, gw, gb = _grad_buffers(hidden, weight, bias, needs, hidden_dtype=F32)
-    per_token, stats = run_chunks(plan, weights, grad_hidden=gh, grad_weight=gw, grad_bias=gb,
-                                  save_stats=schedule == "two_phase")
+    run = run_chunks if tp_group_name is None else functools.partial(
+        run_vocab_parallel, group=resolve_group(tp_group_name), offset=vocab_offset)
+    per_token, stats = run(plan, weights, grad_hidden=gh, grad_weight=gw, grad_bias=gb,
+                           save_stats=schedule == "two_phase")
     loss = reduce_loss(per_token["loss"], plan.inputs.x)
     stacked = torch.stack([per_token[k] for k in PER_TOKEN_FIELDS[1:]])
 
@@ -85,7 +91,7 @@ def linear_sdar_loss_forward(
 def _(hidden, weight, bias, labels, mask, weights, teacher_hidden, teacher_weight, teacher_bias,
       teacher_logprobs, advantages, old_logprobs, ref_logprobs, gate_beta, distill_coef, distill, jsd_beta,
       clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature, reduction, engine, schedule,
-      grad_hidden, grad_weight, grad_bias):
+      grad_hidden, grad_weight, grad_bias, tp_group_name=None, vocab_offset=0):
     N = labels.shape[0]
     fused = schedule == "fused"
 
@@ -96,7 +102,7 @@ def _(hidden, weight, bias, labels, mask, weights, teacher_hidden, teacher_weigh
             weights.new_empty(len(PER_TOKEN_FIELDS) - 1, N),
             buf(fused and grad_hidden, hidden.shape), buf(fused and grad_weight, weight.shape),
             buf(fused and grad_bias and bias is not None, weight.shape[:1]),
-            buf(schedule == "two_phase" and engine == "triton", (N, NUM_ROW_STATS)))
+            buf(schedule == "two_phase" and (engine == "triton" or tp_group_name is not None), (N, NUM_ROW_STATS)))
 
 
 @torch.library.custom_op("sdar_kernels::linear_sdar_loss_backward", mutates_args=())
@@ -108,15 +114,18 @@ def linear_sdar_loss_backward(
     gate_beta: float, distill_coef: float, distill: str, jsd_beta: float, clip_low: float, clip_high: float,
     clip_ratio_c: Optional[float], kl_coef: float, entropy_coef: float, temperature: float, reduction: str,
     engine: str, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+    tp_group_name: Optional[str] = None, vocab_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     opts = (gate_beta, distill_coef, distill, jsd_beta, clip_low, clip_high, clip_ratio_c, kl_coef,
             entropy_coef, temperature, reduction)
     plan = _plan(hidden, weight, bias, labels, mask, weights, teacher_hidden, teacher_weight, teacher_bias,
-                 teacher_logprobs, advantages, old_logprobs, ref_logprobs, opts, engine)
+                 teacher_logprobs, advantages, old_logprobs, ref_logprobs, opts, engine, tp_group_name is not None)
     gh, gw, gb = _grad_buffers(hidden, weight, bias, (grad_hidden, grad_weight, grad_bias),
                                hidden_dtype=hidden.dtype)
-    run_chunks(plan, weights, grad_hidden=gh, grad_weight=gw, grad_bias=gb,
-               stats=stats if stats.numel() else None, backward=True)
+    run = run_chunks if tp_group_name is None else functools.partial(
+        run_vocab_parallel, group=resolve_group(tp_group_name), offset=vocab_offset)
+    run(plan, weights, grad_hidden=gh, grad_weight=gw, grad_bias=gb, stats=stats if stats.numel() else None,
+        backward=True)
     return (gh if gh is not None else hidden.new_empty(0),
             gw.to(weight.dtype) if gw is not None else weight.new_empty(0),
             gb.to(bias.dtype) if gb is not None else weight.new_empty(0))
@@ -124,7 +133,7 @@ def linear_sdar_loss_backward(
 
 @linear_sdar_loss_backward.register_fake
 def _(hidden, weight, bias, *args):
-    grad_hidden, grad_weight, grad_bias = args[-3:]
+    grad_hidden, grad_weight, grad_bias = args[-5:-2]
     return (torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if grad_weight else weight.new_empty(0),
             torch.empty_like(bias) if grad_bias and bias is not None else weight.new_empty(0))
@@ -134,6 +143,7 @@ def _setup_context(ctx, inputs, output):
     tensors, rest = inputs[:_NUM_TENSOR_INPUTS], inputs[_NUM_TENSOR_INPUTS:]
     opts = tuple(rest[:len(OPTION_ARGS)])
     engine, schedule = rest[len(OPTION_ARGS)], rest[len(OPTION_ARGS) + 1]
+    ctx.tp = tuple(rest[len(OPTION_ARGS) + 5:])      # (tp_group_name, vocab_offset)
     _, stacked, gh, gw, gb, stats = output
     # the per-token / gradient / statistics outputs get no gradient: don't let autograd allocate zeros
     # for them (an [N, V] zero fill in every backward)
@@ -151,7 +161,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_unused):
     if torch.is_grad_enabled():
         raise ValueError("linear_sdar_loss: double backward (create_graph=True) is not supported")
-    nones = (None,) * (_NUM_TENSOR_INPUTS + len(OPTION_ARGS) + 5)
+    nones = (None,) * (_NUM_TENSOR_INPUTS + len(OPTION_ARGS) + 7)
     needs = ctx.needs_input_grad[:3]
     if ctx.schedule == "fused":
         if ctx.used:
@@ -172,7 +182,7 @@ def _backward(ctx, grad_loss, *_unused):
     weights = torch.where(mask, weights * grad_loss.to(F32), 0.0)
     gh, gw, gb = torch.ops.sdar_kernels.linear_sdar_loss_backward(
         hidden, weight, bias, labels, mask, weights, *tensors[6:], stats, *ctx.opts, ctx.engine,
-        needs[0], needs[1], needs[2] and bias is not None)
+        needs[0], needs[1], needs[2] and bias is not None, *ctx.tp)
     return (gh if needs[0] else None, gw if needs[1] else None,
             gb if needs[2] and bias is not None else None, *nones[3:])
 

@@ -4,9 +4,17 @@ For each chunk of C token rows:
   1. z_S = h @ W.T (+ b) in fp32 [C, V]; z_T = h_T @ W_T.T (+ b_T) in fp32 unless the teacher is given
      as log-probs (then no teacher matmul at all);
   2. the row engine (Triton or torch, the same ones ``sdar_loss`` uses) computes the per-token terms and,
-     when asked, overwrites z_S with w_t * dl_t/dz_S (in place);
+     when asked, writes G = w_t * dl_t/dz_S: over z_S in place (fp32 GEMMs), or straight into a [C, V]
+     buffer in the weight's dtype (bf16 / fp16 GEMMs on CUDA);
   3. grad_hidden[chunk] = g @ W ; grad_W += g.T @ h ; grad_b += g.sum(0)   (chunks in order).
 Nothing of size [N, V] is ever allocated: the live extra memory is one chunk's buffers (chunking.py).
+
+Teacher given as hidden states for a sampled-token distillation ("sampled" / "reinforce") on the Triton
+engine: only log p_T(y) is needed, so there is no teacher matmul in the chunk loop and no [C, V] teacher
+buffer. One logits-free pass (``Head.label_logprobs``: GEMM tiles folded into an online log-sum-exp on
+chip) gives log p_T(y) for every row before the loop, and the row engine takes it as teacher log-probs.
+The Triton engine's two-phase backward reads only its saved row statistics for these modes, so backward
+needs no teacher at all.
 
 Masked rows: on CPU they are dropped before chunking (``mask.nonzero()`` is free there), so they cost
 no matmul work. On CUDA that would be a host sync, so every row is computed: its hidden row is zeroed
@@ -41,6 +49,7 @@ class Plan:
     active: torch.Tensor | None         # [n] int64 rows that carry loss (CPU compaction), None = all
     chunk: int                          # rows per chunk
     zero_masked_rows: bool              # rows are not compacted and some may be masked
+    teacher_label_only: bool = False    # teacher_head is used only for log p_T(y): the logits-free pass
 
     @property
     def n_rows(self) -> int:
@@ -54,7 +63,7 @@ class Plan:
             yield sl if self.active is None else self.active[sl]
 
 
-def make_plan(inputs, rows) -> Plan:
+def make_plan(inputs, rows, vocab_parallel=False) -> Plan:
     x = inputs.x
     head = Head(inputs.weight, inputs.bias)
     teacher_head = None
@@ -71,11 +80,14 @@ def make_plan(inputs, rows) -> Plan:
     N, H = inputs.hidden.shape
     V = inputs.weight.shape[0]
     n = N if active is None else active.numel()
+    # the logits-free teacher pass needs the whole vocabulary on this rank
+    label_only = (teacher_head is not None and not x.options.full_vocab_distill and rows.name == "triton"
+                  and not vocab_parallel)
     chunk = chunk_rows(n, V, H, device_type=inputs.hidden.device.type,
-                       teacher_logits=teacher_head is not None,
+                       teacher_logits=teacher_head is not None and not label_only,
                        low_precision_grad_copy=head.low_precision_grad_copy)
     return Plan(inputs=inputs, rows=rows, head=head, teacher_head=teacher_head, active=active, chunk=chunk,
-                zero_masked_rows=active is None and not all_kept)
+                zero_masked_rows=active is None and not all_kept, teacher_label_only=label_only)
 
 
 def _take(t, sel):
@@ -91,14 +103,29 @@ def _put(dst, sel, rows):
         dst.index_copy_(0, sel, rows)
 
 
-def _chunk_inputs(plan, sel, z_student, z_teacher, weights):
+def _chunk_inputs(plan, sel, z_student, z_teacher, weights, teacher_logprobs):
     x = plan.inputs.x
     return replace(
         x, logits=z_student, labels=_take(x.labels, sel), mask=_take(x.mask, sel),
-        weights=weights, teacher_logits=z_teacher, teacher_logprobs=_take(x.teacher_logprobs, sel),
+        weights=weights, teacher_logits=z_teacher, teacher_logprobs=_take(teacher_logprobs, sel),
         advantages=_take(x.advantages, sel), old_logprobs=_take(x.old_logprobs, sel),
         ref_logprobs=_take(x.ref_logprobs, sel), token_shape=torch.Size([z_student.shape[0]]),
     )
+
+
+def accumulate_grads(plan, sel, g, h, grad_hidden, grad_weight, grad_bias):
+    """The gradient GEMMs of one chunk: grad_hidden[sel] = g @ W, grad_W += g.T @ h, grad_b += g.sum(0)."""
+    if grad_hidden is not None:
+        if isinstance(sel, slice):
+            plan.head.grad_input(g, grad_hidden[sel])
+        else:
+            tmp = torch.empty(h.shape, dtype=grad_hidden.dtype, device=h.device)
+            plan.head.grad_input(g, tmp)
+            grad_hidden.index_copy_(0, sel, tmp)
+    if grad_weight is not None:
+        plan.head.accumulate_grad_weight(grad_weight, g, h)
+    if grad_bias is not None:
+        grad_bias.add_(g.sum(0, dtype=F32))
 
 
 def run_chunks(plan: Plan, weights: torch.Tensor, **kwargs):
@@ -129,15 +156,25 @@ def _run_chunks(plan: Plan, weights: torch.Tensor, *, grad_hidden=None, grad_wei
     if grad_hidden is not None and plan.active is not None:
         grad_hidden.zero_()                      # dropped (masked) rows are never visited
     saved = None
+    teacher_logprobs, teacher_nonfinite = inp.x.teacher_logprobs, None
+    if plan.teacher_label_only and not backward:
+        x = inp.x
+        teacher_logprobs, teacher_lse = plan.teacher_head.label_logprobs(th_all, x.labels, x.mask,
+                                                                         x.options.temperature)
+        # the row engine flags a row whose teacher logits hold a NaN / +inf; here that is a non-finite lse
+        teacher_nonfinite = (~torch.isfinite(teacher_lse) & x.mask).to(F32)
+    teacher_in_loop = plan.teacher_head is not None and not plan.teacher_label_only
 
     for sel in plan.chunks():
         h = _take(h_all, sel)
         if plan.zero_masked_rows:
             h = torch.where(_take(inp.x.mask, sel)[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
         z = plan.head.logits(h)
-        zt = None if plan.teacher_head is None else plan.teacher_head.logits(_take(th_all, sel))
-        xc = _chunk_inputs(plan, sel, z, zt, _take(weights, sel))
-        grad = z if want_grad else None          # the engine overwrites the logits with the gradient
+        zt = plan.teacher_head.logits(_take(th_all, sel)) if teacher_in_loop else None
+        xc = _chunk_inputs(plan, sel, z, zt, _take(weights, sel), teacher_logprobs)
+        # the engine writes the gradient straight in the dtype the gradient GEMMs take: over the fp32 logits
+        # in place, or (bf16 / fp16 GEMMs on CUDA) into its own buffer: no fp32 gradient and cast pass
+        grad = plan.head.grad_buffer(z) if want_grad else None
         if backward:
             plan.rows.backward(xc, xc.weights, grad, _take(stats, sel))
         else:
@@ -151,17 +188,8 @@ def _run_chunks(plan: Plan, weights: torch.Tensor, *, grad_hidden=None, grad_wei
         del zt, xc
         if not want_grad:
             continue
-        g_op = plan.head.grad_operand(z)
-        if grad_hidden is not None:
-            if isinstance(sel, slice):
-                plan.head.grad_input(g_op, grad_hidden[sel])
-            else:
-                tmp = torch.empty(h.shape, dtype=grad_hidden.dtype, device=h.device)
-                plan.head.grad_input(g_op, tmp)
-                grad_hidden.index_copy_(0, sel, tmp)
-        if grad_weight is not None:
-            plan.head.accumulate_grad_weight(grad_weight, g_op, h)
-        if grad_bias is not None:
-            grad_bias.add_(z.sum(0))
-        del g_op, z
+        accumulate_grads(plan, sel, grad, h, grad_hidden, grad_weight, grad_bias)
+        del grad, z
+    if teacher_nonfinite is not None:
+        out["nonfinite"] = torch.maximum(out["nonfinite"], teacher_nonfinite)
     return out, saved

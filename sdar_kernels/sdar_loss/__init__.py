@@ -1,4 +1,4 @@
-"""The fused SDAR loss from logits. Math: README.md in this folder; contract: shared/design/LOSS.md."""
+"""The fused SDAR loss from logits. Math: README.md in this folder; API: docs/api.md."""
 
 from .function import sdar_loss
 from .options import SDAROptions

@@ -14,7 +14,8 @@ from .torch_impl import sdar_rows_torch
 
 
 class TorchRows:
-    """The chunked torch backend. It keeps no statistics: its backward recomputes them per chunk."""
+    """The chunked torch backend. It keeps no statistics: its backward recomputes them per chunk (on one
+    device; vocabulary-parallel rows keep the whole row's statistics, vocab_parallel.py)."""
 
     name = "torch"
 
@@ -25,6 +26,22 @@ class TorchRows:
     @staticmethod
     def backward(x, weights, grad, stats):
         sdar_rows_torch(x, weights, grad)
+
+    # vocabulary-parallel pieces (vocab_parallel.py)
+    @staticmethod
+    def partials(x):
+        from .vocab_parallel import torch_partials
+        return torch_partials(x)
+
+    @staticmethod
+    def jsd_partials(x, stats):
+        from .vocab_parallel import torch_jsd_partials
+        return torch_jsd_partials(x, stats)
+
+    @staticmethod
+    def grad_from_stats(x, weights, grad, stats, label_offset, entropy_rows=None):
+        from .vocab_parallel import torch_grad_from_stats
+        torch_grad_from_stats(x, weights, grad, stats, label_offset, entropy_rows)
 
 
 class TritonRows:
@@ -41,6 +58,25 @@ class TritonRows:
     def backward(x, weights, grad, stats):
         from .launch import sdar_rows_triton_grad
         sdar_rows_triton_grad(x, weights, grad, stats)
+
+    # vocabulary-parallel pieces (vocab_parallel.py)
+    @staticmethod
+    def partials(x):
+        from .launch import partials_triton
+        return partials_triton(x)
+
+    @staticmethod
+    def jsd_partials(x, stats):
+        from .launch import jsd_partials_triton
+        return jsd_partials_triton(x, stats)
+
+    @staticmethod
+    def grad_from_stats(x, weights, grad, stats, label_offset, entropy_rows=None):
+        from dataclasses import replace
+
+        from .launch import sdar_rows_triton_grad
+        # the gradient kernel matches the label against the shard's own columns: shift it into the shard
+        sdar_rows_triton_grad(replace(x, labels=x.labels - label_offset), weights, grad, stats, entropy_rows)
 
 
 ENGINES = {"torch": TorchRows, "triton": TritonRows}

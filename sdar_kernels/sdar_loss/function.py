@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import normalize_inputs
+from .._tp import vocab_shard
 from . import ops  # registers the custom ops
 from .engines import pick_engine
 from .output import SDAROutput, package_output
@@ -64,7 +65,7 @@ def sdar_loss(
     gate_beta=5.0, distill_coef=0.01, distill="sampled", jsd_beta=0.5,
     clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0, entropy_coef=0.0,
     temperature=1.0, loss_agg_mode="token-mean", reduction="mean",
-    inplace_backward=False, backend="auto",
+    inplace_backward=False, backend="auto", tp_group=None,
 ) -> SDAROutput:
     """Fused SDAR loss: GRPO (dual clip) + k3 KL + entropy bonus + sigmoid-gated self-distillation.
 
@@ -93,6 +94,10 @@ def sdar_loss(
         inplace_backward: backward writes the gradient into the logits' storage (saves an [N, V] buffer;
             the logits are overwritten then, so nothing else may read them afterwards).
         backend: "auto" (Triton on CUDA tensors, the chunked torch path elsewhere) | "triton" | "torch".
+        tp_group: a torch.distributed process group over which the vocabulary is split (tensor parallel):
+            logits (and teacher logits) are this rank's contiguous shard [..., V / P] (rank r holds ids
+            [r V/P, (r+1) V/P)), labels are global ids; every rank gets the same loss and per-token
+            outputs and the gradient of its own shard (README.md, "Vocabulary parallel").
 
     Returns:
         SDAROutput(loss, logprobs, entropy, gate, gap, metrics); everything but ``loss`` is detached.
@@ -101,11 +106,13 @@ def sdar_loss(
         ValueError naming the argument, for every malformed input or option, and when no loss term is
         active.
     """
+    shard = vocab_shard(tp_group, logits.shape[-1]) if isinstance(logits, torch.Tensor) and logits.dim() else None
     x = normalize_inputs(
         logits, labels, teacher_logits=teacher_logits, teacher_logprobs=teacher_logprobs, mask=mask,
         advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         loss_weights=loss_weights, num_tokens=num_tokens, num_sequences=num_sequences,
-        loss_scale_factor=loss_scale_factor, dp_size=dp_size, gate_beta=gate_beta, distill_coef=distill_coef,
+        loss_scale_factor=loss_scale_factor, dp_size=dp_size, label_vocab=shard and shard.vocab,
+        gate_beta=gate_beta, distill_coef=distill_coef,
         distill=distill, jsd_beta=jsd_beta, clip_low=clip_low, clip_high=clip_high,
         clip_ratio_c=clip_ratio_c, kl_coef=kl_coef, entropy_coef=entropy_coef, temperature=temperature,
         loss_agg_mode=loss_agg_mode, reduction=reduction, inplace_backward=inplace_backward, backend=backend,
@@ -116,6 +123,6 @@ def sdar_loss(
     loss, stacked, _, _ = torch.ops.sdar_kernels.sdar_loss_forward(
         x.logits, x.labels, x.mask, x.weights, x.teacher_logits, x.teacher_logprobs, x.advantages,
         x.old_logprobs, x.ref_logprobs, *ops.option_args(x.options), pick_engine(x.options.backend, x.logits),
-        schedule)
+        schedule, shard and shard.group_name, shard.offset if shard else 0)
     has_teacher = x.teacher_logits is not None or x.teacher_logprobs is not None
     return package_output(loss, stacked, x, has_teacher=has_teacher)

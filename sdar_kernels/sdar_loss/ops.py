@@ -27,6 +27,7 @@ from .._checks import PreparedInputs
 from .engines import ENGINES
 from .options import SDAROptions
 from .output import NUM_ROW_STATS, PER_TOKEN_FIELDS, reduce_loss
+from .vocab_parallel import resolve_group, vocab_parallel_rows
 
 # SDAROptions fields the ops take as scalars, in schema order (loss_agg_mode is already in the weights).
 OPTION_ARGS = ("gate_beta", "distill_coef", "distill", "jsd_beta", "clip_low", "clip_high", "clip_ratio_c",
@@ -58,7 +59,7 @@ def sdar_loss_forward(
     old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor],
     gate_beta: float, distill_coef: float, distill: str, jsd_beta: float, clip_low: float, clip_high: float,
     clip_ratio_c: Optional[float], kl_coef: float, entropy_coef: float, temperature: float, reduction: str,
-    engine: str, schedule: str,
+    engine: str, schedule: str, tp_group_name: Optional[str] = None, vocab_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     opts = (gate_beta, distill_coef, distill, jsd_beta, clip_low, clip_high, clip_ratio_c, kl_coef,
             entropy_coef, temperature, reduction)
@@ -66,7 +67,13 @@ def sdar_loss_forward(
                   ref_logprobs, opts, engine)
     grad = torch.empty_like(logits) if schedule == "fused" else None
     save_stats = schedule in ("two_phase", "inplace")
-    per_token, stats = ENGINES[engine].forward(x, weights, grad, save_stats)
+    if tp_group_name is not None:
+        per_token, stats = vocab_parallel_rows(x, ENGINES[engine], resolve_group(tp_group_name), vocab_offset)
+        if grad is not None:
+            ENGINES[engine].grad_from_stats(x, weights, grad, stats, vocab_offset)
+        stats = stats if save_stats else None
+    else:
+        per_token, stats = ENGINES[engine].forward(x, weights, grad, save_stats)
     loss = reduce_loss(per_token["loss"], x)
     stacked = torch.stack([per_token[k] for k in PER_TOKEN_FIELDS[1:]])
     return (loss, stacked, grad if grad is not None else _empty(logits),
@@ -76,21 +83,24 @@ def sdar_loss_forward(
 @sdar_loss_forward.register_fake
 def _(logits, labels, mask, weights, teacher_logits, teacher_logprobs, advantages, old_logprobs, ref_logprobs,
       gate_beta, distill_coef, distill, jsd_beta, clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef,
-      temperature, reduction, engine, schedule):
+      temperature, reduction, engine, schedule, tp_group_name=None, vocab_offset=0):
     N = labels.shape[0]
     loss = weights.new_empty(N) if reduction == "none" else weights.new_empty(())
     stacked = weights.new_empty(len(PER_TOKEN_FIELDS) - 1, N)
     grad = torch.empty_like(logits) if schedule == "fused" else _empty(logits)
-    keeps_stats = schedule in ("two_phase", "inplace") and engine == "triton"
+    keeps_stats = schedule in ("two_phase", "inplace") and (engine == "triton" or tp_group_name is not None)
     stats = weights.new_empty(N, NUM_ROW_STATS) if keeps_stats else _empty(weights)
     return loss, stacked, grad, stats
 
 
 def _gradient_pass(grad, logits, labels, mask, weights, teacher_logits, teacher_logprobs, advantages,
-                   old_logprobs, ref_logprobs, stats, opts, engine):
+                   old_logprobs, ref_logprobs, stats, opts, engine, vocab_parallel, vocab_offset):
     x = _prepared(logits, labels, mask, weights, teacher_logits, teacher_logprobs, advantages, old_logprobs,
                   ref_logprobs, opts, engine)
-    ENGINES[engine].backward(x, weights, grad, stats if stats.numel() else None)
+    if vocab_parallel:   # the whole row's statistics came from the group: the shard's gradient from them
+        ENGINES[engine].grad_from_stats(x, weights, grad, stats, vocab_offset)
+    else:
+        ENGINES[engine].backward(x, weights, grad, stats if stats.numel() else None)
 
 
 @torch.library.custom_op("sdar_kernels::sdar_loss_backward", mutates_args=())
@@ -100,13 +110,13 @@ def sdar_loss_backward(
     old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor], stats: Tensor,
     gate_beta: float, distill_coef: float, distill: str, jsd_beta: float, clip_low: float, clip_high: float,
     clip_ratio_c: Optional[float], kl_coef: float, entropy_coef: float, temperature: float, reduction: str,
-    engine: str,
+    engine: str, vocab_parallel: bool = False, vocab_offset: int = 0,
 ) -> Tensor:
     grad = torch.empty_like(logits)
     _gradient_pass(grad, logits, labels, mask, weights, teacher_logits, teacher_logprobs, advantages,
                    old_logprobs, ref_logprobs, stats,
                    (gate_beta, distill_coef, distill, jsd_beta, clip_low, clip_high, clip_ratio_c, kl_coef,
-                    entropy_coef, temperature, reduction), engine)
+                    entropy_coef, temperature, reduction), engine, vocab_parallel, vocab_offset)
     return grad
 
 
@@ -122,13 +132,13 @@ def sdar_loss_backward_(
     old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor], stats: Tensor,
     gate_beta: float, distill_coef: float, distill: str, jsd_beta: float, clip_low: float, clip_high: float,
     clip_ratio_c: Optional[float], kl_coef: float, entropy_coef: float, temperature: float, reduction: str,
-    engine: str,
+    engine: str, vocab_parallel: bool = False, vocab_offset: int = 0,
 ) -> None:
     # each block of the logits is read before its gradient overwrites it (kernels.py / torch_impl.py)
     _gradient_pass(logits, logits, labels, mask, weights, teacher_logits, teacher_logprobs, advantages,
                    old_logprobs, ref_logprobs, stats,
                    (gate_beta, distill_coef, distill, jsd_beta, clip_low, clip_high, clip_ratio_c, kl_coef,
-                    entropy_coef, temperature, reduction), engine)
+                    entropy_coef, temperature, reduction), engine, vocab_parallel, vocab_offset)
 
 
 @sdar_loss_backward_.register_fake
@@ -155,13 +165,15 @@ def _(t, scale):
 def _setup_context(ctx, inputs, output):
     (logits, labels, mask, weights, teacher_logits, teacher_logprobs, advantages, old_logprobs,
      ref_logprobs, *rest) = inputs
-    opts, engine, schedule = tuple(rest[:len(OPTION_ARGS)]), rest[-2], rest[-1]
+    opts = tuple(rest[:len(OPTION_ARGS)])
+    engine, schedule, tp_group_name, vocab_offset = rest[len(OPTION_ARGS):]
     _, stacked, grad, stats = output
     # the per-token / gradient / statistics outputs get no gradient: don't let autograd allocate zeros
     # for them (an [N, V] zero fill in every backward)
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(stacked, grad, stats)
     ctx.schedule, ctx.engine, ctx.opts, ctx.used = schedule, engine, opts, False
+    ctx.vocab_parallel, ctx.vocab_offset = tp_group_name is not None, vocab_offset
     if schedule == "fused":
         # only the gradient: the (teacher) logits can be freed as soon as the caller drops them
         ctx.save_for_backward(grad)
@@ -175,7 +187,7 @@ def _backward(ctx, grad_loss, _grad_stacked, _grad_grad, _grad_stats):
     if torch.is_grad_enabled():
         raise ValueError("sdar_loss: double backward (create_graph=True) is not supported; the gradient "
                          "is computed by a fused kernel, not by differentiable torch ops")
-    nones = (None,) * (9 + len(OPTION_ARGS) + 2)
+    nones = (None,) * (9 + len(OPTION_ARGS) + 4)
     if ctx.schedule in ("fused", "inplace"):
         if ctx.used:
             raise RuntimeError("sdar_loss: backward ran twice through one forward; the gradient buffer (or, "
@@ -192,7 +204,7 @@ def _backward(ctx, grad_loss, _grad_stacked, _grad_grad, _grad_stats):
     # upstream value on a masked token stays out
     weights = torch.where(mask, weights * grad_loss.to(torch.float32), 0.0)
     args = (labels, mask, weights, teacher_logits, teacher_logprobs, advantages, old_logprobs, ref_logprobs,
-            stats, *ctx.opts, ctx.engine)
+            stats, *ctx.opts, ctx.engine, ctx.vocab_parallel, ctx.vocab_offset)
     if ctx.schedule == "inplace":
         torch.ops.sdar_kernels.sdar_loss_backward_(logits, *args)
         return (logits,) + nones[1:]

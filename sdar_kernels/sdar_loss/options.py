@@ -1,6 +1,6 @@
 """The hyperparameters of one SDAR loss call, validated once and frozen.
 
-Defaults are the official SDAR ones (shared/design/LOSS.md section 1) except kl_coef and entropy_coef,
+Defaults are the official SDAR ones (docs/api.md, "Defaults: whose are they") except kl_coef and entropy_coef,
 which the functional API leaves off (0) so that a call without ``ref_logprobs`` is valid;
 ``sdar.SDARConfig`` carries the official 0.01 / 0.001 for training.
 """

@@ -10,8 +10,9 @@ import torch
 # them in this order).
 # "clipped" / "clipped_lower": the clip / the dual clip is the active branch (0/1); "nonfinite": the row's
 # student or teacher logits hold a NaN or +inf, or nothing but -inf (0/1).
+# "logp_teacher": the teacher's log-prob of the sampled token (from its logits, or as given), 0 without one.
 PER_TOKEN_FIELDS = ("loss", "logprobs", "entropy", "gate", "gap", "distill", "pg", "clipped", "clipped_lower",
-                    "ppo_kl", "kl", "nonfinite")
+                    "ppo_kl", "kl", "nonfinite", "logp_teacher")
 
 # Row statistics the Triton engine keeps between the two phases of the two-phase schedule (kernels.py):
 # max and log2-sum of student and teacher, entropy, divergence, KL(p||M), dl/dlog p_S(y), divergence scale.
@@ -75,7 +76,7 @@ def masked_metrics(per_token: dict, mask: torch.Tensor, *, has_teacher: bool) ->
 
 
 def reduce_loss(loss_tok, x):
-    """The loss of LOSS.md section 3 from the per-token l_t (0 on masked rows) of prepared inputs ``x``:
+    """The loss (README.md, "Aggregation") from the per-token l_t (0 on masked rows) of prepared inputs ``x``:
     "none" -> m*l per token, "sum" -> sum m*l, "mean" -> sum w*l with the aggregation weights."""
     reduction = x.options.reduction
     if reduction == "none":

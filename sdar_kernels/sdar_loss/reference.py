@@ -2,7 +2,7 @@
 
 Readable over fast: full [N, V] log-softmax of student and teacher in fp32 (or fp64 with
 ``compute_dtype``), autograd for the gradient. It imports nothing from the kernels; the math is
-`README.md` beside this file (and ``shared/design/LOSS.md``). Input validation is shared with the
+`README.md` beside this file (API: ``docs/api.md``). Input validation is shared with the
 fused path only through ``sdar_kernels._checks`` (which holds no math).
 """
 

@@ -1,4 +1,4 @@
-"""Per-token scalar terms of the SDAR loss in torch (LOSS.md section 2), shared by the torch backend and the
+"""Per-token scalar terms of the SDAR loss in torch (README.md, "Per-token terms"), shared by the torch backend and the
 fused-linear torch path. The Triton kernel implements the same formulas in ``kernels.py``.
 
 Given the row statistics (log p_S(y), log p_T(y), entropy, divergence value) this returns every per-token

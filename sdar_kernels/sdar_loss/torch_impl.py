@@ -1,7 +1,7 @@
 """Chunked torch implementation of the SDAR loss: the CPU / non-CUDA backend (``backend="torch"``).
 
 Rows are processed in chunks of about ``CHUNK_ELEMENTS`` logits. Each chunk is converted to fp32 once, its
-row statistics computed, and its gradient (LOSS.md section 4) written straight into the gradient buffer,
+row statistics computed, and its gradient (README.md, "Gradient") written straight into the gradient buffer,
 so the peak memory beyond the inputs is the gradient buffer plus a handful of fp32 chunk temporaries,
 not the several fp32 [N, V] copies (log-softmax, softmax, autograd saves) that eager code makes.
 The same function serves the fused-linear torch path, which hands it one token chunk of fp32 logits.
@@ -66,19 +66,24 @@ def sdar_rows_torch(x, weights, grad=None):
     """
     N, V = x.labels.shape[0], x.logits.shape[-1]
     out = {k: torch.zeros(N, dtype=torch.float32, device=x.logits.device) for k in PER_TOKEN_FIELDS}
-    rows = max(1, min(N, CHUNK_ELEMENTS // max(V, 1)))
-    # [B, T, V] logits without a flat view (sliced along T) are walked sequence by sequence
-    per_seq = next((t.shape[1] for t in (x.logits, x.teacher_logits) if t is not None and t.dim() == 3), N)
-    for s0 in range(0, N, max(per_seq, 1)):
-        for r0 in range(s0, min(N, s0 + per_seq), rows):
-            sl = slice(r0, min(s0 + per_seq, r0 + rows))
-            terms = _chunk(x, sl, weights[sl], None if grad is None else _token_rows(grad, sl))
-            for k in PER_TOKEN_FIELDS:
-                out[k][sl] = terms[k]
+    for sl in row_chunks(N, V, x.logits, x.teacher_logits):
+        terms = _chunk(x, sl, weights[sl], None if grad is None else token_rows_slice(grad, sl))
+        for k in PER_TOKEN_FIELDS:
+            out[k][sl] = terms[k]
     return out
 
 
-def _token_rows(t, sl):
+def row_chunks(N, V, *tensors):
+    """Row slices of about ``CHUNK_ELEMENTS`` logits each. [B, T, V] tensors without a flat view (sliced
+    along T) are walked sequence by sequence, so a slice never crosses a sequence (``token_rows_slice``)."""
+    rows = max(1, min(N, CHUNK_ELEMENTS // max(V, 1)))
+    per_seq = next((t.shape[1] for t in tensors if t is not None and t.dim() == 3), N)
+    for s0 in range(0, N, max(per_seq, 1)):
+        for r0 in range(s0, min(N, s0 + per_seq), rows):
+            yield slice(r0, min(s0 + per_seq, r0 + rows))
+
+
+def token_rows_slice(t, sl):
     """Rows ``sl`` (never crossing a sequence) of an [N, V] or [B, T, V] tensor, as an [n, V] view."""
     if t.dim() == 2:
         return t[sl]
@@ -93,7 +98,7 @@ def _chunk(x, sl, w, grad):
     keep = x.mask[sl]
     y = x.labels[sl].clamp(0, x.logits.shape[-1] - 1)[:, None]  # masked rows may hold ignore labels
 
-    logp_all, logp = _log_softmax_fp32(_token_rows(x.logits, sl), inv_tau, y)  # log p_S
+    logp_all, logp = _log_softmax_fp32(token_rows_slice(x.logits, sl), inv_tau, y)  # log p_S
     # an out-of-range label on an unmasked row (only possible where it is not checked: inside a compiled
     # graph, or on CUDA) poisons its row with NaN, as the Triton kernel does
     labels = x.labels[sl]
@@ -106,7 +111,7 @@ def _chunk(x, sl, w, grad):
 
     logp_teacher, divergence, div_grad = None, None, None
     if x.teacher_logits is not None:
-        logq_all, logp_teacher = _log_softmax_fp32(_token_rows(x.teacher_logits, sl), inv_tau, y)  # log p_T
+        logq_all, logp_teacher = _log_softmax_fp32(token_rows_slice(x.teacher_logits, sl), inv_tau, y)  # log p_T
         nonfinite = nonfinite | logp_teacher.isnan()
         if o.full_vocab_distill:
             divergence, div_grad = _divergence(o, logp_all, p, logq_all, entropy, rowdot,
@@ -145,7 +150,9 @@ def _chunk(x, sl, w, grad):
     return dict(loss=t.loss, logprobs=torch.where(keep, logp, 0.0), entropy=torch.where(keep, entropy, 0.0),
                 gate=t.gate, gap=t.gap, distill=t.distill, pg=t.pg, clipped=t.clipped,
                 clipped_lower=t.clipped_lower, ppo_kl=t.ppo_kl, kl=t.kl,
-                nonfinite=(nonfinite & keep).to(torch.float32))
+                nonfinite=(nonfinite & keep).to(torch.float32),
+                logp_teacher=torch.where(keep, logp_teacher, 0.0) if logp_teacher is not None
+                else torch.zeros_like(logp))
 
 
 def _divergence(o, logp_all, p, logq_all, entropy, rowdot, want_grad):
