@@ -8,8 +8,9 @@ from . import hf
 from .config import SDARConfig
 from .loss import SDARLoss
 from .linear_loss import LinearSDARLoss
-from .env import TowerConfig, TowerEnv, make_instance
+from .task import Env, Instance, Task, Turn, WarmupExample
+from .towers import Towers, TowersConfig
 from .trainer import TrainConfig, Trainer, train
 
-__all__ = ["hf", "SDARConfig", "SDARLoss", "LinearSDARLoss", "TowerConfig", "TowerEnv", "make_instance",
-           "TrainConfig", "Trainer", "train"]
+__all__ = ["hf", "SDARConfig", "SDARLoss", "LinearSDARLoss", "Task", "Env", "Instance", "Turn", "WarmupExample",
+           "Towers", "TowersConfig", "TrainConfig", "Trainer", "train"]

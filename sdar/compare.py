@@ -1,178 +1,127 @@
-"""``python -m sdar compare``: train methods x seeds, evaluate on held-out instances, table + plot."""
+"""``python -m sdar compare``: arms x seeds on the towers task, a powered comparison against GRPO.
+
+Per run: the held-out success curve (evaluated every ``eval_every`` steps), its area divided by the step
+range (``auc``: the average held-out success over training) and the final held-out success. Per arm:
+the mean over seeds with a 95% percentile-bootstrap interval, and the *paired* difference against the
+baseline arm (GRPO) at the same seed, with its own interval. An interval that excludes 0 is starred.
+The ``placebo`` arm (SDAR with every retrieved skill bad, the same lambda) is the noise floor: what the
+distillation term does when the teacher knows nothing.
+
+``--quick`` is a smoke test (a few steps, two seeds): it checks that every arm runs end to end and
+prints what each run reached, with no table of means and no ranking, since a few steps cannot separate
+the methods.
+"""
 
 from __future__ import annotations
 
 import json
 import shlex
-import statistics
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
-from .trainer import TrainConfig
+from .runs import Arm, run_grid
+from .stats import curve_area, fmt_ci, fmt_diff, paired_difference, summarize
+from .trainer import METHODS, TrainConfig
 
-PLOT_KEYS = (("gate_mean", "gate mean"), ("gate_active_ratio", "gate-active ratio (gate > 0.5)"),
-             ("gap_mean", "gap mean (log p_T - log p_S)"))
-
-
-def read_metrics(path) -> list:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+ARMS = {m: {"method": m} for m in METHODS}
+ARMS["placebo"] = {"method": "sdar", "skill_noise": 1.0}
+DEFAULT_ARMS = ("grpo", "grpo_opsd", "sdar", "placebo")
+BASELINE = "grpo"
 
 
-def run_one(cfg: TrainConfig, method: str, seed: int, out: Path, threads: int, in_process=False) -> dict:
-    """Train one (method, seed) into ``out/<method>-seed<seed>``: in this process, or as a subprocess
-    (``python -m sdar train``) so that several runs use the cores in parallel. A distill_coef override
-    applies to the distilling methods only (GRPO stays GRPO)."""
-    if method == "grpo":
-        cfg = replace(cfg, distill_coef=None)
-    run_dir = out / f"{method}-seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if in_process:
-        from .trainer import train
-        t0 = time.perf_counter()
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        train(replace(cfg, method=method, seed=seed), run_dir, progress=False, log=lambda m: None)
-        return {"method": method, "seed": seed, "dir": run_dir, "wall_s": time.perf_counter() - t0,
-                "metrics": read_metrics(run_dir / "metrics.jsonl")}
-    base = run_dir / "base_config.json"
-    base.write_text(json.dumps(asdict(replace(cfg, method=method, seed=seed)), indent=1))
-    cmd = [sys.executable, "-m", "sdar", "train", "--config", str(base), "--method", method, "--seed", str(seed),
-           "--out", str(run_dir), "--threads", str(threads), "--no-progress"]
-    t0 = time.perf_counter()
-    with open(run_dir / "log.txt", "w") as logf:
-        rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        raise RuntimeError(f"run {method} seed {seed} failed (exit {rc}); see {run_dir / 'log.txt'}")
-    return {"method": method, "seed": seed, "dir": run_dir, "wall_s": time.perf_counter() - t0,
-            "metrics": read_metrics(run_dir / "metrics.jsonl")}
+def make_arms(names) -> list:
+    arms = []
+    for n in names:
+        if n not in ARMS:
+            raise ValueError(f"methods: unknown arm {n!r}; choose from {tuple(ARMS)}")
+        arms.append(Arm(n, ARMS[n]))
+    return arms
 
 
-def summarize(runs, methods) -> dict:
+def run_scores(run) -> dict:
+    steps, values = run.evals()
+    _, teacher = run.evals("eval/teacher_success")
+    return {"auc": curve_area(steps, values), "final": values[-1], "start": values[0],
+            "teacher_final": teacher[-1] if teacher else float("nan"), "wall_s": run.wall_s}
+
+
+def summarize_arms(runs, arm_names, baseline=BASELINE) -> dict:
+    """{arm: {"seeds", per-seed "scores", "auc"/"final"/"teacher_final" summaries, paired "d_auc" /
+    "d_final" against ``baseline`` when it ran with the same seeds}}."""
+    by_arm = {a: sorted((r for r in runs if r.arm == a), key=lambda r: r.seed) for a in arm_names}
+    scores = {a: [run_scores(r) for r in rs] for a, rs in by_arm.items()}
     out = {}
-    for m in methods:
-        rs = sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])
-        finals, teach, train_last = [], [], []
-        for r in rs:
-            ev = [x for x in r["metrics"] if "eval/success" in x]
-            finals.append(ev[-1]["eval/success"] if ev else float("nan"))
-            tv = [x["eval/teacher_success"] for x in r["metrics"] if "eval/teacher_success" in x]
-            teach.append(tv[-1] if tv else float("nan"))
-            tr = [x["success"] for x in r["metrics"] if "success" in x]
-            train_last.append(statistics.fmean(tr[-5:]) if tr else float("nan"))
-        start = [x["eval/success"] for r in rs for x in r["metrics"][:1] if x.get("step") == 0]
-        out[m] = {
-            "final": finals, "mean": statistics.fmean(finals),
-            "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-            "train_last5": statistics.fmean(train_last), "teacher_final": statistics.fmean(teach),
-            "start": statistics.fmean(start) if start else float("nan"),
-            "wall_s": statistics.fmean(r["wall_s"] for r in rs),
-        }
+    for a, rs in by_arm.items():
+        sc = scores[a]
+        s = {"seeds": [r.seed for r in rs], "scores": sc,
+             **{k: summarize([x[k] for x in sc]) for k in ("auc", "final", "start", "teacher_final", "wall_s")}}
+        base = by_arm.get(baseline)
+        if a != baseline and base and [r.seed for r in base] == s["seeds"]:
+            for k in ("auc", "final"):
+                s[f"d_{k}"] = paired_difference([x[k] for x in sc], [x[k] for x in scores[baseline]])
+        out[a] = s
     return out
 
 
-def write_table(summary, cfg: TrainConfig, n_seeds: int, command: str, path: Path):
-    how = "greedy" if cfg.eval_temperature == 0 else f"sampled at T={cfg.eval_temperature}"
+def write_table(summary, cfg: TrainConfig, command: str, path: Path, baseline=BASELINE):
+    n = max(s["auc"]["n"] for s in summary.values())
+    how = "greedy" if cfg.eval_temperature == 0 else f"sampled at T = {cfg.eval_temperature}"
     lines = [
-        f"Held-out success ({cfg.eval_instances} eval instances, {how}) after {cfg.steps} steps, "
-        f"{n_seeds} seed(s); mean +- std over seeds (sample std).",
+        f"Held-out success on {cfg.eval_instances} eval instances (rules never trained on; {how}), "
+        f"evaluated every {cfg.eval_every} steps over {cfg.steps} steps, {n} seeds per arm. "
+        "AUC = area under the held-out curve / steps (the average held-out success over training). "
+        f"Mean over seeds [95% bootstrap CI of the mean]; the differences are paired by seed against "
+        f"{baseline}; * = the interval excludes 0.",
         "",
-        "| method | final held-out success | per seed | start (step 0) | train success, last 5 steps "
-        "| teacher success (with skill) | wall s / run |",
-        "|---|---|---|---|---|---|---|",
+        f"| arm | AUC | final | AUC - {baseline} | final - {baseline} | teacher final | start | wall s / run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for m, s in summary.items():
-        per = ", ".join(f"{v:.3f}" for v in s["final"])
-        lines.append(f"| {m} | {s['mean']:.3f} +- {s['std']:.3f} | {per} | {s['start']:.3f} | "
-                     f"{s['train_last5']:.3f} | {s['teacher_final']:.3f} | {s['wall_s']:.0f} |")
+    for a, s in summary.items():
+        d_auc = fmt_diff(s["d_auc"]) if "d_auc" in s else "-"
+        d_fin = fmt_diff(s["d_final"]) if "d_final" in s else "-"
+        lines.append(f"| {a} | {fmt_ci(s['auc'])} | {fmt_ci(s['final'])} | {d_auc} | {d_fin} | "
+                     f"{s['teacher_final']['mean']:.3f} | {s['start']['mean']:.3f} | {s['wall_s']['mean']:.0f} |")
+    lines += ["", "Per seed (AUC / final):", ""]
+    for a, s in summary.items():
+        per = ", ".join(f"{x['auc']:.2f}/{x['final']:.2f}" for x in s["scores"])
+        lines.append(f"- {a}: {per}")
     lines += ["", f"Command: `{command}`", "",
               "Config: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()
                                      if k not in ("method", "seed", "cache_dir", "device"))]
     path.write_text("\n".join(lines) + "\n")
 
 
-def _mean_curve(runs, key):
-    by_step = {}
+def write_smoke(runs, cfg: TrainConfig, command: str, path: Path):
+    lines = [f"SMOKE TEST ({cfg.steps} steps): every arm ran end to end. This is not a comparison: a few "
+             "steps cannot separate the methods, so there is no table of means and no ranking. The full "
+             "comparison is `python -m sdar compare` without --quick (see sdar/README.md).", ""]
     for r in runs:
-        for x in r["metrics"]:
-            if key in x:
-                by_step.setdefault(x["step"], []).append(x[key])
-    steps = sorted(by_step)
-    mean = [statistics.fmean(by_step[s]) for s in steps]
-    std = [statistics.pstdev(by_step[s]) if len(by_step[s]) > 1 else 0.0 for s in steps]
-    return steps, mean, std
+        _, ev = r.evals()
+        lines.append(f"- {r.arm} seed {r.seed}: held-out success {ev[0]:.3f} -> {ev[-1]:.3f}, "
+                     f"{len(r.metrics)} records, {r.wall_s:.0f} s")
+    lines += ["", f"Command: `{command}`"]
+    path.write_text("\n".join(lines) + "\n")
 
 
-def _smooth(y, k=3):
-    return [statistics.fmean(y[max(0, i - k + 1): i + 1]) for i in range(len(y))]
-
-
-def write_plot(runs, methods, path: Path, title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    ax = axes[0][0]
-    for m in methods:
-        rs = [r for r in runs if r["method"] == m]
-        s, mu, sd = _mean_curve(rs, "eval/success")
-        line = ax.plot(s, mu, marker="o", ms=3, label=f"{m} held-out")[0]
-        ax.fill_between(s, [a - b for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)],
-                        color=line.get_color(), alpha=0.15)
-        s2, mu2, _ = _mean_curve(rs, "success")
-        ax.plot(s2, _smooth(mu2), ls="--", lw=1, color=line.get_color(), label=f"{m} train (smoothed)")
-    ax.set(title="success rate", xlabel="step", ylim=(-0.02, 1.02))
-    ax.legend(fontsize=7)
-    for ax, (key, name) in zip([axes[0][1], axes[1][0], axes[1][1]], PLOT_KEYS):
-        for m in methods:
-            s, mu, _ = _mean_curve([r for r in runs if r["method"] == m], key)
-            ax.plot(s, _smooth(mu), label=m)
-        ax.set(title=name, xlabel="step")
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def compare(cfg: TrainConfig, methods, seeds: int, out, *, jobs=2, threads_per_job=1, progress=True,
-            command=None) -> dict:
+def compare(cfg: TrainConfig, arm_names, seeds, out, *, jobs=2, threads_per_job=1, progress=True,
+            smoke=False, command=None, fresh=False) -> dict:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.model is None:  # build the warm-up once, here, so parallel runs never race on the cache
-        from .models import ensure_tiny
-        path = ensure_tiny(cfg.tiny_config(), cfg.env_config(), cfg.history, cfg.cache_dir,
-                           log=lambda m: print(m, file=sys.stderr))
-        cfg = replace(cfg, cache_dir=str(path.parent))
-    todo = [(m, s) for m in methods for s in range(seeds)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc="compare runs", dynamic_ncols=True)
-    runs = []
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futs = [pool.submit(run_one, cfg, m, s, out, threads_per_job, jobs <= 1) for m, s in todo]
-        for f in futs:
-            r = f.result()
-            runs.append(r)
-            if bar is not None:
-                ev = [x for x in r["metrics"] if "eval/success" in x]
-                bar.update(1)
-                bar.set_postfix(last=f"{r['method']}/{r['seed']}", success=f"{ev[-1]['eval/success']:.2f}")
-    if bar is not None:
-        bar.close()
-    summary = summarize(runs, methods)
+    arms = make_arms(arm_names)
     command = command or "python -m sdar " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_table(summary, cfg, seeds, command, out / "results.md")
-    write_plot(runs, methods, out / "results.png",
-               f"towers, skill_noise={cfg.skill_noise}, {cfg.steps} steps x {cfg.tasks_per_step} tasks x "
-               f"{cfg.group_size}, {seeds} seed(s), layout={cfg.layout}")
+    runs = run_grid(cfg, arms, list(seeds), out, jobs=jobs, threads=threads_per_job, progress=progress,
+                    log=lambda m: print(m, file=sys.stderr), fresh=fresh)
+    if smoke:
+        write_smoke(runs, cfg, command, out / "smoke.md")
+        print((out / "smoke.md").read_text())
+        return {}
+    summary = summarize_arms(runs, [a.name for a in arms])
+    write_table(summary, cfg, command, out / "results.md")
+    from .plots import plot_comparison
+    plot_comparison(runs, summary, out / "results.png",
+                    f"towers: {cfg.features} features x {cfg.values} values, {cfg.floors} floors, "
+                    f"skill_noise {cfg.skill_noise}; {cfg.steps} steps x {cfg.tasks_per_step} tasks x "
+                    f"{cfg.group_size}; {len(seeds)} seeds per arm", baseline=BASELINE)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print((out / "results.md").read_text())
     return summary

@@ -44,13 +44,14 @@ def _reset_peak():
 
 def child(args):
     from .models import ensure_tiny
+    from .towers import Towers
     from .trainer import Trainer, TrainConfig
 
     torch.set_num_threads(args.threads)
     cfg = replace(TrainConfig(), method="sdar", steps=args.steps, eval_every=0, warmup_steps=args.warmup_steps,
                   vocab_size=args.vocab_size, cache_dir=args.cache_dir, tasks_per_step=args.tasks_per_step,
                   micro_batch=args.micro_batch, **BACKENDS[args.child])
-    ensure_tiny(cfg.tiny_config(), cfg.env_config(), cfg.history, cfg.cache_dir)
+    ensure_tiny(cfg.tiny_config(), Towers(cfg.towers_config()), cfg.history, cfg.cache_dir)
     t = Trainer(cfg, args.out + "/" + args.child, progress=False, log=lambda m: None)
     upd, step, extra, tokens = [], [], [], []
     cuda = t.device.type == "cuda"

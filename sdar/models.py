@@ -27,10 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .env import ACTIONS, COLORS, FAMILIES, TowerConfig, TowerEnv, TowerInstance, skill_text, vocabulary
-from .samples import SKILL_TEMPLATE, concat_segment, left_pad, released_prompt
+from .samples import SKILL_TEMPLATE, left_pad
 
-WARMUP_VERSION = 1
+WARMUP_VERSION = 2
 SPECIALS = ("<pad>", "<eos>", "<unk>")
 
 
@@ -55,11 +54,12 @@ class Codec:
         return self.encode(SKILL_TEMPLATE.format(skill=skill))
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer(words):
+    """A word-level tokenizer over ``words`` (a task's ``vocabulary()``) and the special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(list(SPECIALS) + vocabulary())}
+    vocab = {w: i for i, w in enumerate(list(dict.fromkeys(list(SPECIALS) + list(words))))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
@@ -99,51 +99,37 @@ def tiny_model(cfg: TinyConfig, tokenizer):
 
 
 # ----------------------------------------------------------------------------------------- warm-up data
-def warmup_example(rng: random.Random, codec: Codec, env_cfg: TowerConfig, history: int):
-    """One supervised example (ids, loss_mask); see the module docstring for the two kinds."""
-    family = rng.choice(FAMILIES)
-    inst = TowerInstance("train", -1, family, tuple(rng.choice(COLORS) for _ in range(env_cfg.n_floors)),
-                         "", True)
-    env = TowerEnv(env_cfg, inst)
-    for _ in range(rng.randrange(env_cfg.max_turns)):   # a random partial trajectory of valid doors
-        if env.done or env.floor == env_cfg.n_floors - 1 and rng.random() < 0.5:
-            break
-        env.step(rng.choice(ACTIONS))
-    if env.done:
-        env = TowerEnv(env_cfg, inst)
-    with_skill = rng.random() < 0.5
-    if with_skill:
-        target = rng.choice(ACTIONS)
-        prefix = codec.skill_prefix(skill_text(rng.choice(FAMILIES), target))
-    else:
-        target, prefix = rng.choice(ACTIONS), []
+def warmup_example(rng: random.Random, codec: Codec, task, history: int):
+    """One supervised example (ids, loss_mask, kind) from ``task.warmup_example``, in the released or
+    the concatenated layout (half each), with the skill as a privileged prefix when it has one."""
+    ex = task.warmup_example(rng)
+    prefix = codec.skill_prefix(ex.skill) if ex.skill is not None else []
     if rng.random() < 0.5:
-        prompt = codec.encode(released_prompt(inst.task_text, env.turns, env.observation(), history))
-    else:
-        prompt, prev = [], None
-        for t in env.turns:
-            prompt += codec.encode(concat_segment(inst.task_text, prev, t.observation)) + codec.encode(t.action)
-            prompt.append(codec.eos_id)
-            prev = t.result
-        prompt += codec.encode(concat_segment(inst.task_text, prev, env.observation()))
-    resp = codec.encode(target) + [codec.eos_id]
+        prompt = codec.encode(task.prompt(ex.instance, ex.env, history))
+    else:   # replay the partial episode as the concatenated layout writes it
+        replay, prompt = task.env(ex.instance), []
+        for t in ex.env.turns:
+            prompt += codec.encode(task.segment(ex.instance, replay)) + codec.encode(t.action) + [codec.eos_id]
+            replay.step(t.action)
+        prompt += codec.encode(task.segment(ex.instance, replay))
+    resp = codec.encode(ex.target) + [codec.eos_id]
     ids = prefix + prompt + resp
-    return ids, [0] * (len(prefix) + len(prompt)) + [1] * len(resp), with_skill
+    return ids, [0] * (len(prefix) + len(prompt)) + [1] * len(resp), ex.meta.get("kind", "example")
 
 
-def warmup_batch(rng, codec, env_cfg, n, history):
-    seqs, masks, skills = zip(*(warmup_example(rng, codec, env_cfg, history) for _ in range(n)))
+def warmup_batch(rng, codec, task, n, history):
+    seqs, masks, kinds = zip(*(warmup_example(rng, codec, task, history) for _ in range(n)))
     ids, attn, pos, lm = left_pad(list(seqs), codec.pad_id, list(masks))
-    return ids, attn, pos, lm, torch.tensor(skills)
+    return ids, attn, pos, lm, list(kinds)
 
 
-def warmup(model, codec: Codec, cfg: TinyConfig, env_cfg: TowerConfig, history: int, log=None) -> dict:
-    """Supervised warm-up (deterministic under ``cfg.seed``). Returns skill-reading accuracy etc."""
+def warmup(model, codec: Codec, cfg: TinyConfig, task, history: int, log=None) -> dict:
+    """Supervised warm-up (deterministic under ``cfg.seed``). Returns :func:`warmup_eval`'s report."""
     rng = random.Random(f"warmup:{cfg.seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
     model.train()
     for step in range(cfg.warmup_steps):
-        ids, attn, pos, lm, _ = warmup_batch(rng, codec, env_cfg, cfg.warmup_batch, history)
+        ids, attn, pos, lm, _ = warmup_batch(rng, codec, task, cfg.warmup_batch, history)
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, :-1]
         sel = lm[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[sel].float(), ids[:, 1:][sel])
@@ -154,32 +140,33 @@ def warmup(model, codec: Codec, cfg: TinyConfig, env_cfg: TowerConfig, history: 
         for g in opt.param_groups:
             g["lr"] = cfg.warmup_lr * lr_scale
         opt.step()
-        if log is not None and (step % 50 == 0 or step == cfg.warmup_steps - 1):
+        if log is not None and (step % 100 == 0 or step == cfg.warmup_steps - 1):
             log(f"warm-up step {step}: loss {loss.item():.3f}")
-    return warmup_eval(model, codec, env_cfg, history)
+    return warmup_eval(model, codec, task, history)
 
 
 @torch.no_grad()
-def warmup_eval(model, codec, env_cfg, history, n=256) -> dict:
-    """Skill-reading accuracy (argmax door = the skill's door) and the no-skill door entropy."""
+def warmup_eval(model, codec, task, history, n=512) -> dict:
+    """Per kind of warm-up example: how often the argmax first response token is the target's
+    (``acc_<kind>``: ~1 where the target is what a skill names, chance where it is random) and the
+    entropy of the first response token in nats (``entropy_<kind>``)."""
     model.eval()
     rng = random.Random("warmup-eval")
-    ids, attn, pos, lm, skills = warmup_batch(rng, codec, env_cfg, n, history)
+    ids, attn, pos, lm, kinds = warmup_batch(rng, codec, task, n, history)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, :-1].float()
     sel = lm[:, 1:]
-    first = sel & (sel.cumsum(-1) == 1)            # the door token of every example
+    first = sel & (sel.cumsum(-1) == 1)            # the first response token of every example
     lg, target = logits[first], ids[:, 1:][first]
-    door_ids = torch.tensor([codec.encode(a)[0] for a in ACTIONS])
-    p = lg.softmax(-1)
-    p_door = p[:, door_ids]
-    ent = -(p_door / p_door.sum(-1, keepdim=True)).clamp_min(1e-12).log().mul(
-        p_door / p_door.sum(-1, keepdim=True)).sum(-1)
+    logp = lg.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    hit = (lg.argmax(-1) == target).float()
     model.train()
-    return {
-        "skill_read_acc": float((lg.argmax(-1) == target)[skills].float().mean()),
-        "no_skill_door_entropy": float(ent[~skills].mean()),
-        "door_mass": float(p_door.sum(-1).mean()),
-    }
+    out = {}
+    for kind in sorted(set(kinds)):
+        m = torch.tensor([k == kind for k in kinds])
+        out[f"acc_{kind}"] = float(hit[m].mean())
+        out[f"entropy_{kind}"] = float(entropy[m].mean())
+    return out
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -187,30 +174,37 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SDAR_CACHE", Path.home() / ".cache" / "sdar"))
 
 
-def tiny_key(cfg: TinyConfig, env_cfg: TowerConfig, history: int) -> str:
-    blob = json.dumps({"v": WARMUP_VERSION, "tiny": asdict(cfg), "env": asdict(env_cfg), "history": history,
-                       "vocab": vocabulary(), "template": SKILL_TEMPLATE}, sort_keys=True)
+def warmup_key(task) -> dict:
+    """What of the task the warm-up depends on: ``task.warmup_key()`` when it has one (the towers task
+    leaves out its skill-noise settings, which the warm-up never reads), else the task's class name."""
+    key = task.warmup_key() if callable(getattr(task, "warmup_key", None)) else {}
+    return {"task": type(task).__name__, **key}
+
+
+def tiny_key(cfg: TinyConfig, task, history: int) -> str:
+    blob = json.dumps({"v": WARMUP_VERSION, "tiny": asdict(cfg), "task": warmup_key(task), "history": history,
+                       "vocab": task.vocabulary(), "template": SKILL_TEMPLATE}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def ensure_tiny(cfg: TinyConfig, env_cfg: TowerConfig, history: int, cache_dir=None, log=None) -> Path:
-    """Path of the warmed-up tiny checkpoint, building and caching it if needed."""
+def ensure_tiny(cfg: TinyConfig, task, history: int, cache_dir=None, log=None) -> Path:
+    """Path of the warmed-up tiny checkpoint for ``task``, building and caching it if needed."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache / f"tiny-{tiny_key(cfg, env_cfg, history)}"
+    path = cache / f"tiny-{tiny_key(cfg, task, history)}"
     if (path / "warmup.json").exists():
         return path
     cache.mkdir(parents=True, exist_ok=True)
     quiet_transformers()
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(task.vocabulary())
     codec = Codec(tokenizer)
     model = tiny_model(cfg, tokenizer)
     if log:
         log(f"building the tiny warm-up model ({cfg.warmup_steps} steps) in {path}")
-    stats = warmup(model, codec, cfg, env_cfg, history, log=log)
+    stats = warmup(model, codec, cfg, task, history, log=log) if cfg.warmup_steps else {}
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tmp-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "warmup.json").write_text(json.dumps({"tiny": asdict(cfg), "env": asdict(env_cfg),
+    (tmp / "warmup.json").write_text(json.dumps({"tiny": asdict(cfg), "task": warmup_key(task),
                                                  "history": history, **stats}, indent=1))
     try:
         os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Rollouts: batched sampling of short actions from a causal LM, driving many episodes at once."""
+"""Rollouts: batched sampling of short actions from a causal LM, driving many episodes of any task at once."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import inspect
 
 import torch
 
-from .env import TowerEnv
-from .samples import LAYOUTS, concat_segment, left_pad, released_prompt
+from .samples import LAYOUTS, left_pad
 
 
 def autocast_for(device):
@@ -79,17 +78,17 @@ def action_text(codec, response) -> str:
     return codec.decode(toks)
 
 
-def run_episodes(model, codec, env_cfg, instances, *, layout="released", history=2, max_new_tokens=3,
+def run_episodes(model, codec, task, instances, *, layout="released", history=2, max_new_tokens=3,
                  temperature=1.0, generator=None, greedy=False, with_skill=False, device="cpu"):
-    """Play one episode per instance, all in lock-step batches. Returns (episodes, envs).
+    """Play one episode of ``task`` per instance, all in lock-step batches. Returns (episodes, envs).
 
     ``episodes[i] = {"steps": [(prompt_ids, response_ids), ...], "skill_ids": [...]}`` in the layout's
-    form (see samples.step_samples); ``envs[i]`` holds the outcome (reward, success, invalid count).
+    form (see samples.step_samples); ``envs[i]`` holds the outcome (``turns``, ``success``, ``reward``).
     ``with_skill`` puts the privileged prefix in the acting context (the teacher acting; evaluation only).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    envs = [TowerEnv(env_cfg, inst) for inst in instances]
+    envs = [task.env(inst) for inst in instances]
     episodes = [{"steps": [], "skill_ids": codec.skill_prefix(inst.skill)} for inst in instances]
     concat_ctx = [[] for _ in instances]
     while True:
@@ -98,13 +97,11 @@ def run_episodes(model, codec, env_cfg, instances, *, layout="released", history
             break
         prompts, contexts = [], []
         for i in active:
-            env = envs[i]
             if layout == "released":
-                p = codec.encode(released_prompt(env.inst.task_text, env.turns, env.observation(), history))
+                p = codec.encode(task.prompt(instances[i], envs[i], history))
                 ctx = p
             else:
-                prev = env.turns[-1].result if env.turns else None
-                p = codec.encode(concat_segment(env.inst.task_text, prev, env.observation()))
+                p = codec.encode(task.segment(instances[i], envs[i]))
                 ctx = concat_ctx[i] + p
             prompts.append(p)
             contexts.append(episodes[i]["skill_ids"] + ctx if with_skill else ctx)

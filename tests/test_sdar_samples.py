@@ -37,18 +37,59 @@ def test_advantages_groups_need_not_be_contiguous():
 
 
 def test_advantages_shape_error():
-    with pytest.raises(ValueError, match="rewards and groups"):
+    with pytest.raises(ValueError, match="scores, groups and episodes"):
         grpo_advantages([1.0, 0.0], [0])
+    with pytest.raises(ValueError, match="scores, groups and episodes"):
+        grpo_advantages([1.0, 0.0], [0, 0], [0])
 
 
-def test_advantage_broadcast_to_every_step():
+def one_group_of_step_rows():
+    """2 successful episodes of 4 steps and 6 failed episodes of 6 steps: one row per step."""
+    scores, episodes = [], []
+    for e in range(8):
+        n, r = (4, 1.0) if e < 2 else (6, 0.0)
+        scores += [r] * n
+        episodes += [e] * n
+    return scores, [0] * len(scores), episodes
+
+
+def test_advantages_cross_steps_count_every_row():
+    # verl-agent's default: 8 success rows and 36 failure rows enter the mean / unbiased std
+    scores, groups, episodes = one_group_of_step_rows()
+    adv = grpo_advantages(scores, groups, episodes, cross_steps=True)
+    mean = 8 / 44
+    std = math.sqrt((8 * (1 - mean) ** 2 + 36 * mean ** 2) / 43)
+    assert adv[0].item() == pytest.approx((1 - mean) / (std + 1e-6), rel=1e-5)
+    assert adv[-1].item() == pytest.approx(-mean / (std + 1e-6), rel=1e-5)
+    assert adv[0].item() == pytest.approx(2.10, abs=0.005) and adv[-1].item() == pytest.approx(-0.47, abs=0.005)
+
+
+def test_advantages_one_score_per_episode():
+    # cross_steps=False: the 8 episodes count once each (2 of 8 succeed): mean 0.25, std sqrt(0.25*0.75*8/7)
+    scores, groups, episodes = one_group_of_step_rows()
+    adv = grpo_advantages(scores, groups, episodes, cross_steps=False)
+    std = math.sqrt(0.25 * 0.75 * 8 / 7)
+    assert adv[0].item() == pytest.approx(0.75 / (std + 1e-6), rel=1e-5)
+    assert adv[-1].item() == pytest.approx(-0.25 / (std + 1e-6), rel=1e-5)
+    assert adv[0].item() == pytest.approx(1.62, abs=0.005) and adv[-1].item() == pytest.approx(-0.54, abs=0.005)
+    # every row is normalised with its own score: an invalid step's penalised row stands apart
+    scores[1] -= 0.1
+    adv2 = grpo_advantages(scores, groups, episodes, cross_steps=False)
+    assert adv2[0].item() == pytest.approx(adv[0].item(), rel=1e-6)     # the first row stood for the episode
+    assert adv2[1].item() == pytest.approx((0.65) / (std + 1e-6), rel=1e-5)
+
+
+def test_batch_records_each_tokens_row_and_step():
     eps = [{"steps": [([5, 6], [7, 1]), ([5, 8], [9, 1])], "skill_ids": [3]},
            {"steps": [([5], [7, 1])], "skill_ids": [4]}]
     samples = step_samples(eps, "released")
     assert [s.episode for s in samples] == [0, 0, 1]
     b = collate(samples, PAD)
-    adv = torch.tensor([2.0, -1.0])
-    torch.testing.assert_close(adv[b.token_episode], torch.tensor([2.0, 2, 2, 2, -1, -1]))
+    assert b.token_row.tolist() == [0, 0, 1, 1, 2, 2]
+    assert b.token_step.tolist() == [0, 0, 1, 1, 0, 0]
+    (c,) = step_samples(eps[:1], "concat")
+    bc = collate([c], PAD)
+    assert bc.labels.tolist() == [7, 1, 9, 1] and bc.token_step.tolist() == [0, 0, 1, 1]
 
 
 # ------------------------------------------------------------------------------------------ layouts
