@@ -54,8 +54,12 @@ class Codec:
         return self.encode(SKILL_TEMPLATE.format(skill=skill))
 
 
-def build_tiny_tokenizer(words):
-    """A word-level tokenizer over ``words`` (a task's ``vocabulary()``) and the special tokens."""
+def build_tiny_tokenizer(words=None):
+    """A word-level tokenizer over ``words`` (a task's ``vocabulary()``; None: the embedded towers task's)
+    and the special tokens."""
+    if words is None:
+        from .towers import Towers
+        words = Towers().vocabulary()
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
