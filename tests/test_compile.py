@@ -47,15 +47,18 @@ def test_sdar_loss_compiles_fullgraph(engine, reduction, inplace):
              distill="fkl")
 
 
-def test_sdar_loss_compiles_with_inductor(monkeypatch):
+def test_sdar_loss_compiles_with_inductor():
     # no on-disk caches: a graph cached by an older checkout of the ops would be reused (the cache key does
-    # not see the fake implementations) and fail on the new output shapes (docs/api.md, "torch.compile")
+    # not see the fake implementations) and fail on the new output shapes (docs/api.md, "torch.compile").
+    # torch's own config.patch, not monkeypatch: undoing a monkeypatch deletes the config entry (hides it),
+    # and every later compile in the process then fails reading it.
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
+    before = functorch_config.enable_autograd_cache
     torch._dynamo.reset()
-    _compare(_sdar_step, _inputs(1), "inductor", backend="torch")
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        _compare(_sdar_step, _inputs(1), "inductor", backend="torch")
+    assert functorch_config.enable_autograd_cache == before     # restored for the rest of the session
 
 
 WEIGHT = torch.randn(V, H, generator=torch.Generator().manual_seed(3))

@@ -13,7 +13,7 @@ PRIVILEGED = ["skill red door-north", "skill blue door-south", "skill gold door-
 
 
 def tokenizer():
-    return build_tiny_tokenizer()
+    return build_tiny_tokenizer(" ".join(PROMPTS + PRIVILEGED).split())
 
 
 def model(tok):

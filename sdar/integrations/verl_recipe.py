@@ -127,7 +127,7 @@ def main(argv=None):
 
     import sdar.integrations.verl  # noqa: F401  registers "sdar" (what VERL_USE_EXTERNAL_MODULES does)
 
-    tok = build_tiny_tokenizer()
+    tok = build_tiny_tokenizer(" ".join(PROMPTS + SKILLS).split())
     model = tiny_model(TinyConfig(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64), tok)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
