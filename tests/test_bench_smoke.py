@@ -7,7 +7,6 @@ Liger-Kernel (when installed) are exercised too.
 
 import importlib.util
 import os
-import subprocess
 import sys
 
 import pytest
