@@ -12,7 +12,8 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from spawn import run_on_ranks
 
 WORLD = 2
 
@@ -131,49 +132,47 @@ def _compare(op, tp, full):
         torch.testing.assert_close(tp.metrics[k], v, atol=2e-6, rtol=2e-5, equal_nan=True, msg=k)
 
 
-def _worker(rank, backend, tmpdir):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    dist.init_process_group("gloo", init_method=f"file://{tmpdir}/rendezvous", rank=rank, world_size=WORLD)
+def _worker(rank, world, backend, tmpdir):
+    os.environ.setdefault("TRITON_INTERPRET", "1")    # CPU tensors: the Triton engine runs interpreted
     failures = []
-    try:
-        for i, (name, op, shape, V, dtype, options, extra) in enumerate(CASES):
-            try:
-                logits, labels, kw = _inputs(shape, V, dtype, seed=i,
-                                             **{k: v for k, v in extra.items() if k != "chunk_rows"})
-                options = {**options, "backend": backend}
-                upstream = torch.randn(shape, generator=torch.Generator().manual_seed(100 + i))
-                Vs = V // WORLD
-                shard = slice(rank * Vs, (rank + 1) * Vs)
-                if op.startswith("linear_"):
-                    os.environ["SDAR_LINEAR_CHUNK_ROWS"] = extra.get("chunk_rows", "")
-                    hidden, weight, bias, lkw = _linear_inputs(logits, kw, seed=1000 + i)
-                    full, (gh, gw, gb) = _run_linear(op, hidden, weight, bias, labels, lkw, options, upstream)
-                    tp, (th, tw, tb) = _run_linear(op, hidden, weight[shard], bias[shard], labels, lkw,
-                                                   {**options, "tp_group": dist.group.WORLD}, upstream)
-                    _compare("sdar_loss" if op == "linear_sdar_loss" else "token_logprobs", tp, full)
-                    torch.testing.assert_close(th, gh, atol=2e-6, rtol=2e-5)
-                    torch.testing.assert_close(tw, gw[shard], atol=2e-6, rtol=2e-5)
-                    torch.testing.assert_close(tb, gb[shard], atol=2e-6, rtol=2e-5)
-                    continue
-                full, g_full = _run(op, logits, labels, kw, options, upstream)
-                kw_shard = dict(kw)
-                if "teacher_logits" in kw:
-                    kw_shard["teacher_logits"] = kw["teacher_logits"][..., shard]
-                tp, g_tp = _run(op, logits[..., shard], labels, kw_shard, {**options, "tp_group": dist.group.WORLD},
-                                upstream)
-                _compare(op, tp, full)
-                tol = 1e-2 if dtype == torch.bfloat16 else 2e-6
-                torch.testing.assert_close(g_tp, g_full[..., shard], atol=tol, rtol=tol, equal_nan=True)
-            except Exception:
-                failures.append(f"rank {rank} {backend} {name}:\n{traceback.format_exc()}")
-    finally:
-        dist.destroy_process_group()
+    for i, (name, op, shape, V, dtype, options, extra) in enumerate(CASES):
+        try:
+            logits, labels, kw = _inputs(shape, V, dtype, seed=i,
+                                         **{k: v for k, v in extra.items() if k != "chunk_rows"})
+            options = {**options, "backend": backend}
+            upstream = torch.randn(shape, generator=torch.Generator().manual_seed(100 + i))
+            Vs = V // WORLD
+            shard = slice(rank * Vs, (rank + 1) * Vs)
+            if op.startswith("linear_"):
+                os.environ["SDAR_LINEAR_CHUNK_ROWS"] = extra.get("chunk_rows", "")
+                hidden, weight, bias, lkw = _linear_inputs(logits, kw, seed=1000 + i)
+                full, (gh, gw, gb) = _run_linear(op, hidden, weight, bias, labels, lkw, options, upstream)
+                tp, (th, tw, tb) = _run_linear(op, hidden, weight[shard], bias[shard], labels, lkw,
+                                               {**options, "tp_group": dist.group.WORLD}, upstream)
+                _compare("sdar_loss" if op == "linear_sdar_loss" else "token_logprobs", tp, full)
+                torch.testing.assert_close(th, gh, atol=2e-6, rtol=2e-5)
+                torch.testing.assert_close(tw, gw[shard], atol=2e-6, rtol=2e-5)
+                torch.testing.assert_close(tb, gb[shard], atol=2e-6, rtol=2e-5)
+                continue
+            full, g_full = _run(op, logits, labels, kw, options, upstream)
+            kw_shard = dict(kw)
+            if "teacher_logits" in kw:
+                kw_shard["teacher_logits"] = kw["teacher_logits"][..., shard]
+            tp, g_tp = _run(op, logits[..., shard], labels, kw_shard, {**options, "tp_group": dist.group.WORLD},
+                            upstream)
+            _compare(op, tp, full)
+            tol = 1e-2 if dtype == torch.bfloat16 else 2e-6
+            torch.testing.assert_close(g_tp, g_full[..., shard], atol=tol, rtol=tol, equal_nan=True)
+        except Exception:
+            failures.append(f"rank {rank} {backend} {name}:\n{traceback.format_exc()}")
     with open(os.path.join(tmpdir, f"failures-{rank}.txt"), "w") as f:
         f.write("\n".join(failures))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_vocab_parallel_matches_one_process(backend, tmp_path):
-    mp.spawn(_worker, args=(backend, str(tmp_path)), nprocs=WORLD, join=True)
+    # tests/spawn.py: one thread per process, a barrier before the group is torn down (without it a rank
+    # could close the group while the other was still finishing the last collective: an abort seen in CI)
+    run_on_ranks(_worker, WORLD, tmp_path, backend, str(tmp_path))
     failures = "".join((tmp_path / f"failures-{r}.txt").read_text() for r in range(WORLD))
     assert not failures, failures
