@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from .output import NUM_ROW_STATS, PER_TOKEN_FIELDS
 from .token_terms import token_terms
+from .torch_common import per_token_outputs
 from .torch_impl import row_chunks, token_rows_slice
 
 F32 = torch.float32
@@ -237,10 +238,5 @@ def rows_from_partials(x, part, z_y, zt_y, own, group, jsd_partials):
         nonfinite = nonfinite | ~torch.isfinite(l2d_t)
     keep = x.mask
     stats[:, 5], stats[:, 6], stats[:, 7], stats[:, 8] = div, kp, t.dl_dlogp, t.div_scale
-    per_token = dict(loss=t.loss, logprobs=torch.where(keep, logp, 0.0), entropy=torch.where(keep, entropy, 0.0),
-                     gate=t.gate, gap=t.gap, distill=t.distill, pg=t.pg, clipped=t.clipped,
-                     clipped_lower=t.clipped_lower, ppo_kl=t.ppo_kl, kl=t.kl,
-                     nonfinite=(nonfinite & keep).to(F32),
-                     logp_teacher=torch.where(keep, logp_t, 0.0) if logp_t is not None else torch.zeros_like(logp))
-    assert set(per_token) == set(PER_TOKEN_FIELDS)
+    per_token = dict(zip(PER_TOKEN_FIELDS, per_token_outputs(t, keep, logp, entropy, nonfinite, logp_t), strict=True))
     return per_token, stats
