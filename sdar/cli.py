@@ -151,8 +151,8 @@ def cmd_train(a):
     from .trainer import pick_device, train
     set_threads(a.threads)
     cfg = config_from_args(a, method=a.method, seed=a.seed)
-    dp = from_environment(pick_device(cfg.device))   # under torchrun: this process's rank in the group
-    try:
+    # under torchrun: this process's rank in the group, left together at the end (see DataParallel.close)
+    with from_environment(pick_device(cfg.device)) as dp:
         out = Path(a.out or f"runs/{cfg.method}-seed{cfg.seed}")
         out.mkdir(parents=True, exist_ok=True)
         if dp.main:
@@ -163,8 +163,6 @@ def cmd_train(a):
         if final:
             print(json.dumps({"out": str(out), "step": final[-1]["step"], "eval/success": final[-1]["eval/success"],
                               "eval/teacher_success": final[-1]["eval/teacher_success"]}))
-    finally:
-        dp.close()
     return 0
 
 

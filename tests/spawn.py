@@ -14,16 +14,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sdar.distributed import DataParallel
+
 
 def _entry(rank, fn, world, init_file, timeout_s, args):
     torch.set_num_threads(1)        # K processes share the machine's cores
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
-    try:
+    with DataParallel(rank=rank, world=world):     # leaves the group as the training CLI does
         fn(rank, world, *args)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def run_on_ranks(fn, world, tmp_path, *args, timeout_s=300):

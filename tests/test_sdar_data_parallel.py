@@ -158,6 +158,38 @@ def test_torchrun_quick_writes_what_one_process_writes(cache, tmp_path):
     assert steps == [0, 1, 2, 3]
 
 
+def test_leaving_meets_the_other_ranks_first_but_not_after_an_error(monkeypatch):
+    # the barrier's handle, kept to the end, keeps a gloo worker from dropping the last reference to a
+    # collective's tensors while the interpreter exits (an abort); after an error it would hang instead
+    import sdar.distributed as sd
+    calls = []
+
+    class Work:
+        def wait(self):
+            calls.append("wait")
+
+    def barrier(async_op=False):
+        calls.append(("barrier", async_op))
+        return Work()
+
+    monkeypatch.setattr(sd.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(sd.dist, "barrier", barrier)
+    monkeypatch.setattr(sd.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(sd, "_KEPT_UNTIL_EXIT", [])
+    with DataParallel(rank=1, world=2) as dp:
+        assert dp.rank == 1
+    assert calls == [("barrier", True), "wait", "destroy"]
+    assert [type(w) for w in sd._KEPT_UNTIL_EXIT] == [Work]
+    calls.clear()
+    with pytest.raises(RuntimeError, match="this rank failed"), DataParallel(rank=1, world=2):
+        raise RuntimeError("this rank failed")
+    assert calls == ["destroy"]
+    calls.clear()
+    with DataParallel():        # alone: no group to leave
+        pass
+    assert calls == []
+
+
 def test_shares_cover_every_item_once():
     for n in (0, 1, 5, 8):
         for world in (1, 2, 3):
