@@ -171,8 +171,8 @@ def _worker(rank, world, backend, tmpdir):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_vocab_parallel_matches_one_process(backend, tmp_path):
-    # tests/spawn.py: one thread per process, a barrier before the group is torn down (without it a rank
-    # could close the group while the other was still finishing the last collective: an abort seen in CI)
+    # tests/spawn.py: one thread per process, and the group left through DataParallel.close (a plain
+    # destroy could abort the process at exit: see that method for why)
     run_on_ranks(_worker, WORLD, tmp_path, backend, str(tmp_path))
     failures = "".join((tmp_path / f"failures-{r}.txt").read_text() for r in range(WORLD))
     assert not failures, failures
